@@ -1,0 +1,5 @@
+import sys
+
+from extauthz.cli import main
+
+sys.exit(main())

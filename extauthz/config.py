@@ -1,0 +1,409 @@
+"""The YAML configuration file, validated once at start-up into immutable objects.
+
+Every error names the file, the key (as a dotted path) and the fix. Unknown keys are errors with a
+"did you mean" suggestion. Relative paths resolve against the folder of the configuration file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extauthz.errors import ConfigError
+
+# Asymmetric algorithms only: HMAC would let anyone holding the issuer's public key forge tokens.
+VERIFY_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA")
+SIGNING_ALGORITHMS = ("ES256", "EdDSA")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def parse_duration(text: object) -> float:
+    """Parse `500ms`, `30s`, `5m` or `6h` into seconds; raise ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration such as 30s, got {text!r}")
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"invalid duration {text!r}: write a number with ms, s, m or h, such as 30s")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    grpc: Address
+    http: Address
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    jwks_file: Path | None
+    jwks_uri: str | None
+    jwks_ca_file: Path | None
+    max_token_lifetime: float | None
+    leeway: float
+    jwks_refresh_interval: float
+    jwks_min_refresh_interval: float
+    jwks_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PoliciesConfig:
+    provider: str
+    paths: tuple[Path, ...]
+    root_namespace: str
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    algorithm: str
+    rotate_every: float
+    key_file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    issuer: str
+    header: str
+    ttl: float
+    signing: SigningConfig
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLogConfig:
+    sink: str
+    path: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_token_bytes: int
+    max_path_bytes: int
+    token_cache_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    threads: int
+    max_pending: int
+    drain_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    listen: ListenConfig
+    issuers: tuple[IssuerConfig, ...]
+    policies: PoliciesConfig
+    token: TokenConfig
+    decision_log: DecisionLogConfig
+    limits: LimitsConfig
+    server: ServerConfig
+
+
+class _Section:
+    """A mapping being read: tracks the dotted key path and rejects keys nobody read."""
+
+    def __init__(self, source: str, base: Path, key: str, data: object):
+        self.source = source
+        self.base = base
+        self.key = key
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(source, key or "(top level)", f"expected a mapping, got {_kind(data)}")
+        self.data = data
+        self.known: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def error(self, name: str, message: str, fix: str | None = None) -> ConfigError:
+        return ConfigError(self.source, self.path(name), message, fix)
+
+    def raw(self, name: str, default: object = ..., required: bool = False) -> object:
+        self.known.add(name)
+        if name in self.data and self.data[name] is not None:
+            return self.data[name]
+        if required:
+            raise self.error(name, "missing", f"set {self.path(name)}")
+        return default
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.source, self.base, self.path(name), self.raw(name, {}))
+
+    def string(self, name: str, default: str | None = None, required: bool = False) -> str:
+        value = self.raw(name, default, required)
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(name, f"expected a non-empty string, got {value!r}")
+        return value.strip()
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise self.error(name, f"expected an integer from {minimum} to {maximum}, got {value!r}")
+        return value
+
+    def duration(self, name: str, default: str | None = None, required: bool = False,
+                 minimum: float = 0.0) -> float:
+        value = self.raw(name, default, required)
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from exc
+        if seconds < minimum:
+            raise self.error(name, f"must be at least {minimum:g}s, got {value!r}")
+        return seconds
+
+    def strings(self, name: str, required: bool = False) -> tuple[str, ...]:
+        value = self.raw(name, [], required)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise self.error(name, f"expected a list of non-empty strings, got {value!r}")
+        if required and not value:
+            raise self.error(name, "must not be empty")
+        return tuple(value)
+
+    def file_path(self, name: str, must_exist: bool = True, hint: str | None = None) -> Path | None:
+        value = self.raw(name, None)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(name, f"expected a file path, got {value!r}")
+        path = Path(value)
+        if not path.is_absolute():
+            path = self.base / path
+        if must_exist and not path.exists():
+            raise self.error(name, f"file not found: {path}", hint)
+        return path
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name, default)
+        if value not in choices:
+            raise self.error(name, f"invalid value {value!r}", f"use one of {', '.join(choices)}")
+        return value
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name in self.known:
+                continue
+            suggestion = difflib.get_close_matches(str(name), sorted(self.known), n=1)
+            fix = f"did you mean {self.path(suggestion[0])!r}?" if suggestion else (
+                f"known keys: {', '.join(sorted(self.known))}")
+            raise self.error(str(name), "unknown key", fix)
+
+
+def _kind(value: object) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _address(section: _Section, name: str, default: str) -> Address:
+    text = section.raw(name, default)
+    if isinstance(text, int) or not isinstance(text, str):
+        raise section.error(name, f"expected HOST:PORT, got {text!r}", "write it as 127.0.0.1:9191")
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise section.error(name, f"invalid address {text!r}", "write it as HOST:PORT, such as 127.0.0.1:9191")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise section.error(name, f"invalid IP address {host!r}", "use an IP address or localhost") from exc
+    return Address(host, int(port_text))
+
+
+def _listen(top: _Section) -> ListenConfig:
+    section = top.section("listen")
+    listen = ListenConfig(
+        grpc=_address(section, "grpc", "127.0.0.1:9191"),
+        http=_address(section, "http", "127.0.0.1:9192"),
+    )
+    section.finish()
+    return listen
+
+
+def _issuer(top: _Section, index: int, data: object) -> IssuerConfig:
+    section = _Section(top.source, top.base, f"issuers[{index}]", data)
+    issuer = section.string("issuer", required=True)
+    audiences = section.strings("audiences", required=True)
+    algorithms = section.strings("algorithms", required=True)
+    for algorithm in algorithms:
+        if algorithm not in VERIFY_ALGORITHMS:
+            raise section.error("algorithms", f"unsupported algorithm {algorithm!r}",
+                                f"use asymmetric algorithms: {', '.join(VERIFY_ALGORITHMS)}")
+
+    jwks_file = section.file_path("jwks_file", hint="write the issuer's public JWKS to that file")
+    jwks_uri = section.raw("jwks_uri", None)
+    if jwks_uri is not None and (not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://")):
+        raise section.error("jwks_uri", f"invalid URI {jwks_uri!r}", "use an https:// URI")
+    if (jwks_file is None) == (jwks_uri is None):
+        raise section.error("jwks_file", "set exactly one of jwks_file and jwks_uri")
+    jwks_ca_file = section.file_path("jwks_ca_file")
+
+    lifetime_text = section.raw("max_token_lifetime", None)
+    max_token_lifetime = None if lifetime_text is None else section.duration("max_token_lifetime", minimum=1)
+    result = IssuerConfig(
+        issuer=issuer,
+        audiences=audiences,
+        algorithms=algorithms,
+        jwks_file=jwks_file,
+        jwks_uri=jwks_uri,
+        jwks_ca_file=jwks_ca_file,
+        max_token_lifetime=max_token_lifetime,
+        leeway=section.duration("leeway", "30s"),
+        jwks_refresh_interval=section.duration("jwks_refresh_interval", "5m", minimum=1),
+        jwks_min_refresh_interval=section.duration("jwks_min_refresh_interval", "30s"),
+        jwks_timeout=section.duration("jwks_timeout", "2s", minimum=0.01),
+    )
+    section.finish()
+    return result
+
+
+def _issuers(top: _Section) -> tuple[IssuerConfig, ...]:
+    data = top.raw("issuers", [])
+    if not isinstance(data, list):
+        raise top.error("issuers", f"expected a list, got {_kind(data)}")
+    issuers = tuple(_issuer(top, index, item) for index, item in enumerate(data))
+    seen: set[str] = set()
+    for index, issuer in enumerate(issuers):
+        if issuer.issuer in seen:
+            raise top.error(f"issuers[{index}].issuer", f"duplicate issuer {issuer.issuer!r}")
+        seen.add(issuer.issuer)
+    return issuers
+
+
+def _policies(top: _Section) -> PoliciesConfig:
+    section = top.section("policies")
+    paths = []
+    for text in section.strings("paths", required=True):
+        path = Path(text) if Path(text).is_absolute() else section.base / text
+        if not path.exists():
+            raise section.error("paths", f"not found: {path}", "list existing policy files or folders")
+        paths.append(path)
+    policies = PoliciesConfig(
+        provider=section.string("provider", "extauthz"),
+        paths=tuple(paths),
+        root_namespace=section.string("root_namespace", "istio-system"),
+    )
+    section.finish()
+    return policies
+
+
+def _token(top: _Section) -> TokenConfig:
+    section = top.section("token")
+    header = section.string("header", "txn-token").lower()
+    if not _HEADER_NAME.match(header) or header in ("authorization", "host", ":authority"):
+        raise section.error("header", f"invalid header name {header!r}", "use a name such as txn-token")
+    signing_section = section.section("signing")
+    signing = SigningConfig(
+        algorithm=signing_section.choice("algorithm", "ES256", SIGNING_ALGORITHMS),
+        rotate_every=signing_section.duration("rotate_every", "6h", minimum=60),
+        key_file=signing_section.file_path("key_file", hint="write a PEM private key there, or drop key_file"),
+    )
+    signing_section.finish()
+    token = TokenConfig(
+        issuer=section.string("issuer", required=True),
+        header=header,
+        ttl=section.duration("ttl", "30s", minimum=1),
+        signing=signing,
+    )
+    if token.ttl > 3600:
+        raise section.error("ttl", "must be at most 1h", "per-request tokens should live seconds, such as 30s")
+    section.finish()
+    return token
+
+
+def _decision_log(top: _Section) -> DecisionLogConfig:
+    section = top.section("decision_log")
+    sink = section.string("sink", "stdout")
+    section.finish()
+    if sink == "stdout":
+        return DecisionLogConfig("stdout", None)
+    if sink.startswith("file:") and len(sink) > len("file:"):
+        path = Path(sink[len("file:"):])
+        if not path.is_absolute():
+            path = section.base / path
+        if not path.parent.is_dir():
+            raise section.error("sink", f"folder not found: {path.parent}", "create it or change the path")
+        return DecisionLogConfig("file", path)
+    raise section.error("sink", f"invalid sink {sink!r}", "use stdout or file:PATH")
+
+
+def _limits(top: _Section) -> LimitsConfig:
+    section = top.section("limits")
+    limits = LimitsConfig(
+        max_token_bytes=section.integer("max_token_bytes", 8192, 256, 65536),
+        max_path_bytes=section.integer("max_path_bytes", 8192, 256, 65536),
+        token_cache_size=section.integer("token_cache_size", 10000, 0, 10_000_000),
+    )
+    section.finish()
+    return limits
+
+
+def _server(top: _Section) -> ServerConfig:
+    section = top.section("server")
+    server = ServerConfig(
+        threads=section.integer("threads", 16, 1, 1024),
+        max_pending=section.integer("max_pending", 256, 1, 100_000),
+        drain_timeout=section.duration("drain_timeout", "10s"),
+    )
+    section.finish()
+    return server
+
+
+_SECTIONS: dict[str, Callable[[_Section], Any]] = {
+    "listen": _listen,
+    "issuers": _issuers,
+    "policies": _policies,
+    "token": _token,
+    "decision_log": _decision_log,
+    "limits": _limits,
+    "server": _server,
+}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the configuration file; raise ConfigError naming the key and the fix."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(source), "", f"cannot read the file: {exc.strerror}", "pass --config FILE") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(source), "", f"invalid YAML: {exc}") from exc
+
+    top = _Section(str(source), source.resolve().parent, "", data)
+    values = {name: read(top) for name, read in _SECTIONS.items()}
+    top.finish()
+
+    config = Config(source=source, **values)
+    for index, issuer in enumerate(config.issuers):
+        if issuer.issuer == config.token.issuer:
+            raise ConfigError(str(source), f"issuers[{index}].issuer",
+                              "an end-user issuer must differ from token.issuer",
+                              "give the minted tokens their own issuer")
+    return config

@@ -1,0 +1,44 @@
+"""The outcome of one Check, filled in step by step by the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from extauthz.errors import REASONS, DenyError
+from extauthz.identity import EndUser
+from extauthz.mint import MintedToken
+from extauthz.request import HttpRequest
+
+
+@dataclass(slots=True)
+class Decision:
+    decision_id: str
+    started_at: float
+    allowed: bool = False
+    reason: str = "internal_error"
+    detail: str = ""
+    description: str = REASONS["internal_error"].description
+    request: HttpRequest | None = None
+    user: EndUser | None = None
+    policies: list[str] = field(default_factory=list)
+    minted: MintedToken | None = None
+    error: DenyError | None = None
+    duration: float = 0.0
+
+    @property
+    def status(self) -> int:
+        return REASONS[self.reason].status
+
+    def allow(self, minted: MintedToken) -> None:
+        self.allowed = True
+        self.reason = "allowed"
+        self.description = REASONS["allowed"].description
+        self.minted = minted
+
+    def deny(self, error: DenyError) -> None:
+        self.allowed = False
+        self.reason = error.code
+        self.detail = error.detail
+        self.description = error.description
+        self.error = error
+        self.minted = None

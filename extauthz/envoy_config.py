@@ -1,0 +1,101 @@
+"""Envoy bootstrap for a standalone Envoy in front of one upstream, with extauthz as ext_authz.
+
+The HTTP connection manager normalises paths as extauthz does (RFC 3986 dot segments, merged
+slashes) and rejects escaped slashes, so the path extauthz authorizes is the path the upstream gets.
+The ext_authz filter fails closed (`failure_mode_allow: false`) and answers 503 when extauthz cannot
+be reached. The route passes `context_extensions: {namespace: ...}`, which tells extauthz the
+destination namespace when there is no mTLS destination principal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extauthz.config import Address
+
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+
+
+def _cluster(name: str, address: Address, http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": address.host, "port_value": address.port}}}}]}],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def ext_authz_filter(cluster: str = "extauthz", timeout: str = "0.25s") -> dict[str, Any]:
+    """Return the ext_authz HTTP filter entry for an HttpConnectionManager."""
+    return {
+        "name": EXT_AUTHZ_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": timeout},
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+            "include_peer_certificate": True,
+        },
+    }
+
+
+def bootstrap(*, listen: Address, admin: Address, extauthz: Address, upstream: Address,
+              namespace: str = "demo", timeout: str = "0.25s") -> dict[str, Any]:
+    """Return a complete static Envoy bootstrap as a dict (serialise it as YAML or JSON)."""
+    route = {
+        "match": {"prefix": "/"},
+        "route": {"cluster": "upstream", "timeout": "5s"},
+        "typed_per_filter_config": {
+            EXT_AUTHZ_FILTER: {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "check_settings": {"context_extensions": {"namespace": namespace}},
+            }
+        },
+    }
+    connection_manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                 ".HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [
+            ext_authz_filter("extauthz", timeout),
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": admin.host, "port_value": admin.port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": listen.host, "port_value": listen.port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": connection_manager,
+                }]}],
+            }],
+            "clusters": [_cluster("extauthz", extauthz, http2=True), _cluster("upstream", upstream)],
+        },
+    }
+
+
+def envoy_command(envoy: str, config_path: str) -> list[str]:
+    """Return the command line that runs Envoy on a bootstrap file without shared-memory clashes."""
+    return [envoy, "-c", config_path, "--disable-hot-restart", "--log-level", "warning",
+            "--concurrency", "1"]

@@ -1,0 +1,69 @@
+"""The HTTP side listener: the JWKS of minted tokens, liveness and readiness.
+
+    GET /.well-known/jwks.json   public keys that verify minted tokens
+    GET /healthz                 200 while the process runs
+    GET /readyz                  200 once keys, issuers' key sets and policies are loaded, else 503
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+from waitress.server import create_server
+
+from extauthz.config import Address
+from extauthz.keys import KeyRing
+
+log = logging.getLogger(__name__)
+
+JWKS_PATH = "/.well-known/jwks.json"
+# Backends may cache the JWKS this long; the next key is published a whole rotation period ahead.
+JWKS_MAX_AGE = 300
+
+
+class SideApp:
+    """A WSGI application serving the side listener's paths."""
+
+    def __init__(self, keys: KeyRing, is_ready: Callable[[], bool]):
+        self.keys = keys
+        self.is_ready = is_ready
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "")
+        if method not in ("GET", "HEAD"):
+            return self._send(start_response, "405 Method Not Allowed", b'{"error":"method_not_allowed"}\n',
+                              extra=[("Allow", "GET, HEAD")])
+        if path == JWKS_PATH:
+            return self._send(start_response, "200 OK", self.keys.jwks(), content_type="application/jwk-set+json",
+                              extra=[("Cache-Control", f"public, max-age={JWKS_MAX_AGE}")])
+        if path == "/healthz":
+            return self._send(start_response, "200 OK", b'{"status":"ok"}\n')
+        if path == "/readyz":
+            if self.is_ready():
+                return self._send(start_response, "200 OK", b'{"status":"ready"}\n')
+            return self._send(start_response, "503 Service Unavailable", b'{"status":"not_ready"}\n')
+        return self._send(start_response, "404 Not Found", b'{"error":"not_found"}\n')
+
+    @staticmethod
+    def _send(start_response: Callable, status: str, body: bytes, content_type: str = "application/json",
+              extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))] + (extra or [])
+        start_response(status, headers)
+        return [body]
+
+
+class SideListener:
+    def __init__(self, address: Address, app: SideApp):
+        self.server = create_server(app, host=address.host, port=address.port, threads=2,
+                                    ident="extauthz", clear_untrusted_proxy_headers=True)
+        self.port = self.server.effective_port
+        self._thread = threading.Thread(target=self.server.run, name="http-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.close()

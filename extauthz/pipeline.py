@@ -1,0 +1,83 @@
+"""The decision pipeline: one CheckRequest in, one Decision out, logged on every path.
+
+Steps, each of which may end the pipeline with a deny:
+
+1. normalise the request (400 on anything ambiguous);
+2. read the bearer token and verify it when present (401 on a bad token, 400 on a bad header);
+3. find the policies that match (403 when none does);
+4. merge their requirements (403 when they conflict);
+5. demand an end-user token where required (401) and a fresh, strong login on sensitive routes
+   (401 with the RFC 9470 challenge);
+6. mint the per-request token and allow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from extauthz.decision import Decision
+from extauthz.decision_log import DecisionLog
+from extauthz.errors import DenyError, TokenError
+from extauthz.identity import TokenVerifier, extract_bearer
+from extauthz.mint import TokenMinter
+from extauthz.policy import PolicySet, combine_requirements
+from extauthz.reauth import check_authentication
+from extauthz.request import from_check_request
+
+log = logging.getLogger(__name__)
+
+
+class Authorizer:
+    def __init__(self, *, verifier: TokenVerifier, policies: PolicySet, minter: TokenMinter,
+                 decision_log: DecisionLog, max_token_bytes: int, max_path_bytes: int,
+                 clock: Callable[[], float] = time.time):
+        self.verifier = verifier
+        self.policies = policies
+        self.minter = minter
+        self.decision_log = decision_log
+        self.max_token_bytes = max_token_bytes
+        self.max_path_bytes = max_path_bytes
+        self.clock = clock
+
+    def check(self, check_request: external_auth_pb2.CheckRequest) -> Decision:
+        """Decide one CheckRequest. Never raises: an unexpected error is a logged 500 deny."""
+        started = time.perf_counter()
+        decision = Decision(decision_id=str(uuid.uuid4()), started_at=self.clock())
+        try:
+            self._decide(check_request, decision)
+        except DenyError as exc:
+            decision.deny(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must become a deny, never an allow or a crash
+            log.exception("Check failed", extra={"decision_id": decision.decision_id})
+            decision.deny(DenyError("internal_error", type(exc).__name__))
+        finally:
+            decision.duration = time.perf_counter() - started
+            self.decision_log.write(decision)
+        return decision
+
+    def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision) -> None:
+        request = from_check_request(check_request, self.max_path_bytes)
+        decision.request = request
+
+        token = extract_bearer(request.headers.get("authorization"), self.max_token_bytes)
+        user = self.verifier.verify(token) if token is not None else None
+        decision.user = user
+
+        policies = self.policies.match(request, user)
+        if not policies:
+            raise DenyError("no_matching_policy")
+        decision.policies = [policy.key for policy in policies]
+
+        requirements = combine_requirements(policies)
+
+        if requirements.require_user and user is None:
+            raise TokenError("missing_token")
+        if user is not None:
+            check_authentication(user, requirements, self.clock())
+
+        decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))

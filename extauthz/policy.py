@@ -1,0 +1,602 @@
+"""Istio AuthorizationPolicy documents: loading, validation and matching with Istio's semantics.
+
+extauthz reads the policies whose `action` is CUSTOM and whose `provider.name` is the configured
+provider, and evaluates their `rules` itself:
+
+- a policy without `rules` matches nothing; a rule `{}` matches every request;
+- a rule matches when any `from` source matches, any `to` operation matches and every `when`
+  condition holds (a missing `from` or `to` matches anything);
+- inside a source or operation every field present must match; a field matches when any of its
+  values does, and a `not*` field when none of its values does;
+- string values match exactly, as a prefix (`abc*`), as a suffix (`*abc`) or, for `*`, any
+  non-empty value. Hosts compare case-insensitively. Paths also accept `{*}` (one segment) and
+  `{**}` (any remaining segments, last only);
+- a policy applies to requests for destinations in its own namespace, and a policy in the root
+  namespace applies to every destination. The destination namespace comes from the destination
+  principal (`.../ns/NAME/...`) or, for a plain Envoy without mTLS, from the route's
+  `context_extensions` key `namespace`.
+
+`selector` and `targetRefs` choose which workloads Istio sends to extauthz at all. extauthz never sees
+workload labels, so it accepts and ignores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extauthz.config import parse_duration
+from extauthz.errors import ConfigError, DenyError
+from extauthz.identity import EndUser
+from extauthz.request import HttpRequest, strip_spiffe
+
+log = logging.getLogger(__name__)
+
+API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+ANNOTATION_PREFIX = "extauthz.io/"
+ANNOTATIONS = ("reauth-max-age", "acr-values", "require-user", "token-audience", "token-scope", "token-ttl")
+
+_SOURCE_FIELDS = {
+    "principals": "principal", "notPrincipals": "principal",
+    "requestPrincipals": "request_principal", "notRequestPrincipals": "request_principal",
+    "namespaces": "namespace", "notNamespaces": "namespace",
+    "ipBlocks": "ip", "notIpBlocks": "ip",
+    "remoteIpBlocks": "ip", "notRemoteIpBlocks": "ip",
+}
+_OPERATION_FIELDS = {
+    "hosts": "host", "notHosts": "host",
+    "ports": "port", "notPorts": "port",
+    "methods": "method", "notMethods": "method",
+    "paths": "path", "notPaths": "path",
+}
+_CONDITION_KEYS = (
+    "request.headers", "source.ip", "remote.ip", "source.namespace", "source.principal",
+    "request.auth.principal", "request.auth.audiences", "request.auth.presenter", "request.auth.claims",
+    "destination.ip", "destination.port",
+)
+_BRACKETED = re.compile(r"^([a-z.]+)((?:\[[^\[\]]+\])+)$")
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+class StringMatch:
+    """One Istio string value: exact, `prefix*`, `*suffix` or `*` (any non-empty value)."""
+
+    __slots__ = ("text", "test")
+
+    def __init__(self, text: str, fold_case: bool = False, path: bool = False):
+        self.text = text
+        value = text.lower() if fold_case else text
+        if path and "{" in value:
+            self.test = _path_template(value)
+        elif value == "*":
+            self.test = bool
+        elif value.endswith("*"):
+            prefix = value[:-1]
+            self.test = lambda candidate: candidate.startswith(prefix)
+        elif value.startswith("*"):
+            suffix = value[1:]
+            self.test = lambda candidate: candidate.endswith(suffix)
+        else:
+            self.test = value.__eq__
+
+    def matches(self, candidate: str) -> bool:
+        return bool(self.test(candidate))
+
+
+def _path_template(value: str) -> Callable[[str], bool]:
+    segments = value.split("/")
+    parts = []
+    for index, segment in enumerate(segments):
+        if segment == "{**}":
+            if index != len(segments) - 1:
+                raise ValueError("{**} must be the last path segment")
+            parts.append(".*")
+        elif segment == "{*}":
+            parts.append("[^/]+")
+        elif "{" in segment or "}" in segment:
+            raise ValueError(f"invalid path template segment {segment!r}")
+        else:
+            parts.append(re.escape(segment))
+    pattern = re.compile("/".join(parts) + r"\Z")
+    return lambda candidate: pattern.match(candidate) is not None
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text, strict=False)
+
+
+def _in_networks(address: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What matching policies demand of a request, and how to mint its token."""
+
+    require_user: bool = False
+    reauth_max_age: float | None = None
+    # One set per policy that names acr values: the token's acr must be in every set.
+    acr_values: tuple[frozenset[str], ...] = ()
+    token_audience: str | None = None
+    token_scope: frozenset[str] | None = None
+    token_ttl: float | None = None
+
+    @property
+    def sensitive(self) -> bool:
+        return self.reauth_max_age is not None or bool(self.acr_values)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldMatch:
+    """One source or operation field such as `paths` or `notIpBlocks`."""
+
+    name: str
+    kind: str
+    negated: bool
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    key: str
+    kind: str
+    # Header name or claim path for request.headers[...] and request.auth.claims[...].
+    selector: tuple[str, ...]
+    values: tuple[Any, ...]
+    not_values: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    sources: tuple[tuple[FieldMatch, ...], ...]
+    operations: tuple[tuple[FieldMatch, ...], ...]
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    namespace: str
+    origin: str
+    rules: tuple[Rule, ...]
+    requirements: Requirements
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads one policy document, naming the file, document index and field in every error."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+
+    def error(self, field: str, message: str, fix: str | None = None) -> ConfigError:
+        return ConfigError(self.origin, field, message, fix)
+
+    def mapping(self, value: object, field: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(field, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def strings(self, value: object, field: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise self.error(field, f"expected a list of non-empty strings, got {value!r}")
+        return tuple(value)
+
+    def check_keys(self, data: dict[str, Any], known: Iterable[str], field: str) -> None:
+        known = list(known)
+        for name in data:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                fix = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
+                raise self.error(f"{field}.{name}" if field else str(name), "unknown field", fix)
+
+
+def _values(reader: _Reader, kind: str, texts: tuple[str, ...], field: str) -> tuple[Any, ...]:
+    try:
+        if kind == "ip":
+            return tuple(_network(text) for text in texts)
+        if kind == "port":
+            ports = tuple(int(text) for text in texts)
+            if not all(0 < port <= 65535 for port in ports):
+                raise ValueError("port out of range")
+            return ports
+        if kind == "principal":
+            return tuple(StringMatch(strip_spiffe(text)) for text in texts)
+        return tuple(StringMatch(text, fold_case=kind == "host", path=kind == "path") for text in texts)
+    except ValueError as exc:
+        raise reader.error(field, f"invalid value: {exc}") from exc
+
+
+def _field_matches(reader: _Reader, data: dict[str, Any], table: dict[str, str],
+                   field: str) -> tuple[FieldMatch, ...]:
+    reader.check_keys(data, table, field)
+    fields = []
+    for name, value in data.items():
+        texts = reader.strings(value, f"{field}.{name}")
+        kind = table[name]
+        # ipBlocks checks the peer address; remoteIpBlocks the client address. Envoy reports one
+        # address (the client's after its X-Forwarded-For handling), so both read it.
+        fields.append(FieldMatch(name, kind, name.startswith("not"), _values(reader, kind, texts, f"{field}.{name}")))
+    return tuple(fields)
+
+
+def _condition(reader: _Reader, data: object, field: str) -> Condition:
+    condition = reader.mapping(data, field)
+    reader.check_keys(condition, ("key", "values", "notValues"), field)
+    key = condition.get("key")
+    if not isinstance(key, str):
+        raise reader.error(f"{field}.key", "missing", "set key, such as request.headers[x-tenant]")
+
+    selector: tuple[str, ...] = ()
+    bracketed = _BRACKETED.match(key)
+    base = key
+    if bracketed:
+        base = bracketed.group(1)
+        selector = tuple(re.findall(r"\[([^\[\]]+)\]", bracketed.group(2)))
+        if base not in ("request.headers", "request.auth.claims"):
+            raise reader.error(f"{field}.key", f"{base} takes no [...] selector")
+        if base == "request.headers":
+            if len(selector) != 1:
+                raise reader.error(f"{field}.key", "request.headers takes one [name]")
+            selector = (selector[0].lower(),)
+    elif key in ("request.headers", "request.auth.claims"):
+        raise reader.error(f"{field}.key", f"{key} needs a [name]", f"write {key}[NAME]")
+    if base not in _CONDITION_KEYS:
+        close = difflib.get_close_matches(base, _CONDITION_KEYS, n=1)
+        raise reader.error(f"{field}.key", f"unsupported condition key {key!r}",
+                           f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(_CONDITION_KEYS)}")
+
+    kind = {"source.ip": "ip", "remote.ip": "ip", "destination.ip": "ip", "destination.port": "port",
+            "source.principal": "principal"}.get(base, "string")
+    values = _values(reader, kind, reader.strings(condition.get("values", []), f"{field}.values"),
+                     f"{field}.values") if "values" in condition else ()
+    not_values = _values(reader, kind, reader.strings(condition.get("notValues", []), f"{field}.notValues"),
+                         f"{field}.notValues") if "notValues" in condition else ()
+    if not values and not not_values:
+        raise reader.error(field, "a condition needs values or notValues")
+    return Condition(base, kind, selector, values, not_values)
+
+
+def _rule(reader: _Reader, data: object, field: str) -> Rule:
+    rule = reader.mapping(data, field)
+    reader.check_keys(rule, ("from", "to", "when"), field)
+
+    sources = []
+    for index, item in enumerate(_list(reader, rule.get("from"), f"{field}.from")):
+        entry = reader.mapping(item, f"{field}.from[{index}]")
+        reader.check_keys(entry, ("source",), f"{field}.from[{index}]")
+        sources.append(_field_matches(reader, reader.mapping(entry.get("source"), f"{field}.from[{index}].source"),
+                                      _SOURCE_FIELDS, f"{field}.from[{index}].source"))
+
+    operations = []
+    for index, item in enumerate(_list(reader, rule.get("to"), f"{field}.to")):
+        entry = reader.mapping(item, f"{field}.to[{index}]")
+        reader.check_keys(entry, ("operation",), f"{field}.to[{index}]")
+        operations.append(_field_matches(
+            reader, reader.mapping(entry.get("operation"), f"{field}.to[{index}].operation"),
+            _OPERATION_FIELDS, f"{field}.to[{index}].operation"))
+
+    conditions = tuple(_condition(reader, item, f"{field}.when[{index}]")
+                       for index, item in enumerate(_list(reader, rule.get("when"), f"{field}.when")))
+    return Rule(tuple(sources), tuple(operations), conditions)
+
+
+def _list(reader: _Reader, value: object, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise reader.error(field, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: float) -> Requirements:
+    settings: dict[str, str] = {}
+    for name, value in annotations.items():
+        if not isinstance(name, str) or not name.startswith(ANNOTATION_PREFIX):
+            continue
+        short = name[len(ANNOTATION_PREFIX):]
+        field = f"metadata.annotations[{name}]"
+        if short not in ANNOTATIONS:
+            close = difflib.get_close_matches(short, ANNOTATIONS, n=1)
+            fix = f"did you mean {ANNOTATION_PREFIX + close[0]!r}?" if close else (
+                f"known annotations: {', '.join(ANNOTATION_PREFIX + a for a in ANNOTATIONS)}")
+            raise reader.error(field, "unknown extauthz annotation", fix)
+        if not isinstance(value, str):
+            raise reader.error(field, f"annotation values are strings, got {value!r}", 'quote the value: "..."')
+        settings[short] = value.strip()
+
+    def duration(short: str) -> float | None:
+        if short not in settings:
+            return None
+        try:
+            seconds = parse_duration(settings[short])
+        except ValueError as exc:
+            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", str(exc)) from exc
+        if seconds <= 0:
+            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", "must be positive")
+        return seconds
+
+    acr_values: tuple[frozenset[str], ...] = ()
+    if "acr-values" in settings:
+        values = frozenset(settings["acr-values"].split())
+        if not values:
+            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}acr-values]", "empty",
+                               "list one or more space-separated acr values")
+        acr_values = (values,)
+
+    require_user = settings.get("require-user", "false").lower()
+    if require_user not in ("true", "false"):
+        raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}require-user]",
+                           f"invalid value {require_user!r}", 'use "true" or "false"')
+
+    token_ttl = duration("token-ttl")
+    if token_ttl is not None and token_ttl > token_ttl_cap:
+        log.warning("token-ttl above token.ttl; capping it",
+                    extra={"policy": reader.origin, "token_ttl": token_ttl, "cap": token_ttl_cap})
+        token_ttl = token_ttl_cap
+
+    scope = settings.get("token-scope")
+    audience = settings.get("token-audience")
+    if audience == "":
+        raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}token-audience]", "empty")
+    requirements = Requirements(
+        reauth_max_age=duration("reauth-max-age"),
+        acr_values=acr_values,
+        token_audience=audience,
+        token_scope=frozenset(scope.split()) if scope is not None else None,
+        token_ttl=token_ttl,
+    )
+    # A sensitive route implies an end-user token.
+    return dataclasses.replace(requirements, require_user=require_user == "true" or requirements.sensitive)
+
+
+def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl_cap: float) -> Policy | None:
+    """Return the policy in one YAML document, or None when it is not a CUSTOM policy for `provider`."""
+    reader = _Reader(origin)
+    if document.get("kind") != "AuthorizationPolicy":
+        return None
+    if document.get("apiVersion") not in API_VERSIONS:
+        raise reader.error("apiVersion", f"unsupported apiVersion {document.get('apiVersion')!r}",
+                           f"use {' or '.join(API_VERSIONS)}")
+    reader.check_keys(document, ("apiVersion", "kind", "metadata", "spec"), "")
+    metadata = reader.mapping(document.get("metadata"), "metadata")
+    spec = reader.mapping(document.get("spec"), "spec")
+    reader.check_keys(spec, ("selector", "targetRef", "targetRefs", "action", "provider", "rules"), "spec")
+
+    if spec.get("action") != "CUSTOM":
+        return None
+    provider_name = reader.mapping(spec.get("provider"), "spec.provider").get("name")
+    if provider_name != provider:
+        log.info("skipping CUSTOM policy for another provider", extra={"policy": origin, "provider": provider_name})
+        return None
+
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        raise reader.error("metadata.name", "missing", "name the policy")
+    namespace = metadata.get("namespace", "default")
+    if not isinstance(namespace, str) or not namespace:
+        raise reader.error("metadata.namespace", f"invalid namespace {namespace!r}")
+
+    rules = tuple(_rule(reader, item, f"spec.rules[{index}]")
+                  for index, item in enumerate(_list(reader, spec.get("rules"), "spec.rules")))
+    requirements = _requirements(reader, reader.mapping(metadata.get("annotations"), "metadata.annotations"),
+                                 token_ttl_cap)
+    return Policy(name=name, namespace=namespace, origin=origin, rules=rules, requirements=requirements)
+
+
+def _policy_files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+        else:
+            yield path
+
+
+def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float) -> list[Policy]:
+    """Load every CUSTOM policy for `provider` from files and folders; raise ConfigError on any error."""
+    policies: list[Policy] = []
+    seen: dict[str, str] = {}
+    for path in _policy_files(paths):
+        try:
+            documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        except OSError as exc:
+            raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), "", f"invalid YAML: {exc}") from exc
+        for index, document in enumerate(documents):
+            if document is None:
+                continue
+            origin = f"{path}#{index}"
+            if not isinstance(document, dict):
+                raise ConfigError(origin, "", "expected a Kubernetes object")
+            policy = parse_policy(document, origin, provider, token_ttl_cap)
+            if policy is None:
+                continue
+            if policy.key in seen:
+                raise ConfigError(origin, "metadata.name", f"duplicate policy {policy.key}, also in {seen[policy.key]}")
+            seen[policy.key] = origin
+            policies.append(policy)
+    return policies
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+
+def _field_holds(match: FieldMatch, request: HttpRequest, user: EndUser | None) -> bool:
+    kind = match.kind
+    if kind == "ip":
+        hit = _in_networks(request.source_address, match.values)
+    elif kind == "port":
+        hit = request.port in match.values
+    else:
+        candidates = _candidates(kind, request, user)
+        hit = any(value.matches(candidate) for value in match.values for candidate in candidates)
+    return hit != match.negated
+
+
+def _candidates(kind: str, request: HttpRequest, user: EndUser | None) -> tuple[str, ...]:
+    if kind == "path":
+        return (request.path,)
+    if kind == "method":
+        return (request.method,)
+    if kind == "host":
+        port = request.authority_port or (443 if request.scheme == "https" else 80)
+        return (request.host, f"{request.host}:{port}")
+    if kind == "principal":
+        principal = strip_spiffe(request.source_principal)
+        return (principal,) if principal else ()
+    if kind == "namespace":
+        namespace = request.source_namespace
+        return (namespace,) if namespace else ()
+    if kind == "request_principal":
+        return (user.principal,) if user else ()
+    raise AssertionError(kind)
+
+
+def _condition_candidates(condition: Condition, request: HttpRequest, user: EndUser | None) -> tuple[Any, ...]:
+    key = condition.key
+    if key == "request.headers":
+        value = request.headers.get(condition.selector[0])
+        return (value,) if value is not None else ()
+    if key in ("source.ip", "remote.ip"):
+        return (request.source_address,)
+    if key == "destination.port":
+        return (request.port,)
+    if key == "destination.ip":
+        return ()
+    if key == "source.namespace":
+        return (request.source_namespace,) if request.source_namespace else ()
+    if key == "source.principal":
+        principal = strip_spiffe(request.source_principal)
+        return (principal,) if principal else ()
+    if user is None:
+        return ()
+    if key == "request.auth.principal":
+        return (user.principal,)
+    if key == "request.auth.audiences":
+        return user.audiences
+    if key == "request.auth.presenter":
+        return (user.presenter,) if user.presenter else ()
+    if key == "request.auth.claims":
+        value: Any = user.claims
+        for name in condition.selector:
+            if not isinstance(value, dict) or name not in value:
+                return ()
+            value = value[name]
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(item for item in value if isinstance(item, str))
+        return ()
+    raise AssertionError(key)
+
+
+def _value_hits(condition: Condition, values: tuple[Any, ...], candidates: tuple[Any, ...]) -> bool:
+    if condition.kind == "ip":
+        return any(_in_networks(candidate, values) for candidate in candidates)
+    if condition.kind == "port":
+        return any(candidate in values for candidate in candidates)
+    return any(value.matches(candidate) for value in values for candidate in candidates)
+
+
+def _condition_holds(condition: Condition, request: HttpRequest, user: EndUser | None) -> bool:
+    candidates = _condition_candidates(condition, request, user)
+    if condition.values and not _value_hits(condition, condition.values, candidates):
+        return False
+    return not (condition.not_values and _value_hits(condition, condition.not_values, candidates))
+
+
+def rule_matches(rule: Rule, request: HttpRequest, user: EndUser | None) -> bool:
+    if rule.sources and not any(all(_field_holds(f, request, user) for f in source) for source in rule.sources):
+        return False
+    if rule.operations and not any(all(_field_holds(f, request, user) for f in operation)
+                                   for operation in rule.operations):
+        return False
+    return all(_condition_holds(condition, request, user) for condition in rule.conditions)
+
+
+class PolicySet:
+    """The loaded policies, grouped by namespace."""
+
+    def __init__(self, policies: Iterable[Policy], root_namespace: str):
+        self.root_namespace = root_namespace
+        self.policies = tuple(policies)
+        self._by_namespace: dict[str, list[Policy]] = {}
+        for policy in self.policies:
+            self._by_namespace.setdefault(policy.namespace, []).append(policy)
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def match(self, request: HttpRequest, user: EndUser | None) -> list[Policy]:
+        """Return every policy that applies to the request's destination and whose rules match."""
+        candidates = list(self._by_namespace.get(self.root_namespace, ()))
+        namespace = request.destination_namespace
+        if namespace and namespace != self.root_namespace:
+            candidates.extend(self._by_namespace.get(namespace, ()))
+        return [policy for policy in candidates if any(rule_matches(rule, request, user) for rule in policy.rules)]
+
+
+def combine_requirements(policies: Iterable[Policy]) -> Requirements:
+    """Merge the requirements of every matching policy: the strictest of each kind wins.
+
+    The shortest max age and TTL, every acr set, and the intersection of scopes win. Policies that
+    name different token audiences cannot all be honoured, so they raise DenyError(policy_conflict).
+    """
+    require_user = False
+    max_age: float | None = None
+    acr_values: list[frozenset[str]] = []
+    audiences: set[str] = set()
+    scope: frozenset[str] | None = None
+    ttl: float | None = None
+    for policy in policies:
+        wanted = policy.requirements
+        require_user = require_user or wanted.require_user
+        if wanted.reauth_max_age is not None:
+            max_age = wanted.reauth_max_age if max_age is None else min(max_age, wanted.reauth_max_age)
+        acr_values.extend(values for values in wanted.acr_values if values not in acr_values)
+        if wanted.token_audience is not None:
+            audiences.add(wanted.token_audience)
+        if wanted.token_scope is not None:
+            scope = wanted.token_scope if scope is None else scope & wanted.token_scope
+        if wanted.token_ttl is not None:
+            ttl = wanted.token_ttl if ttl is None else min(ttl, wanted.token_ttl)
+
+    if len(audiences) > 1:
+        raise DenyError("policy_conflict", f"matching policies name token audiences {sorted(audiences)}")
+    if acr_values and not frozenset.intersection(*acr_values):
+        raise DenyError("policy_conflict", "matching policies accept no acr value in common")
+    return Requirements(
+        require_user=require_user,
+        reauth_max_age=max_age,
+        acr_values=tuple(acr_values),
+        token_audience=next(iter(audiences), None),
+        token_scope=scope,
+        token_ttl=ttl,
+    )

@@ -1,0 +1,242 @@
+"""CheckRequest to HttpRequest: every normalisation that happens before policy matching.
+
+Policies match the normalised form. The rules, in order:
+
+Host (`:authority`)
+  1. Lower-cased, one trailing dot removed.
+  2. A port equal to the scheme's default (80 for http, 443 for https) is dropped. Any other port
+     stays in `authority_port`; policy `hosts` entries without a port match any port.
+  3. Userinfo (`@`), empty hosts, bad characters and bad ports are rejected with 400 `invalid_host`.
+
+Path (`:path`)
+  1. The query is split off at the first `?` and is never matched.
+  2. Rejected with 400 `invalid_path`: a path that does not start with `/`; longer than the limit;
+     a fragment (`#`), a backslash, a NUL or other control character, a space or a non-ASCII byte;
+     a `%` not followed by two hex digits; an encoded `/` (`%2F`), `\\` (`%5C`), NUL (`%00`) or
+     `%` (`%25`, since a second decoding by the backend would see a different path); a segment
+     that starts with `.;` or `..;`, which servlet containers read as a dot segment.
+  3. Percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded exactly once.
+     Other escapes stay encoded, with their hex digits upper-cased.
+  4. Runs of slashes are merged into one.
+  5. Dot segments (`.` and `..`) are removed as RFC 3986 section 5.2.4 does; `..` at the root stays
+     at the root.
+
+Because every step makes the path more canonical, never less, a request whose raw path a backend
+could read as some other path is either rejected or matched as that other path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from extauthz.errors import RequestError
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_FORBIDDEN_ESCAPES = frozenset(("2F", "5C", "00", "25"))
+_HEX = frozenset("0123456789abcdefABCDEF")
+_PATH_CHARS = re.compile(r"^[\x21-\x7e]*$")
+_HOST = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+_IPV6_HOST = re.compile(r"^\[[0-9a-f:.]+\]$")
+_METHOD = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_SPIFFE = "spiffe://"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """The normalised facts of one request that policies and the decision log read."""
+
+    method: str
+    scheme: str
+    host: str
+    authority_port: int | None
+    path: str
+    query: str
+    headers: dict[str, str]
+    request_id: str
+    source_address: str
+    source_principal: str
+    destination_principal: str
+    destination_port: int | None
+    context_extensions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def source_namespace(self) -> str:
+        return principal_namespace(self.source_principal)
+
+    @property
+    def destination_namespace(self) -> str:
+        return principal_namespace(self.destination_principal) or self.context_extensions.get("namespace", "")
+
+    @property
+    def port(self) -> int | None:
+        """The destination port: the workload's port when Envoy reports it, else the authority's."""
+        if self.destination_port:
+            return self.destination_port
+        if self.authority_port:
+            return self.authority_port
+        return _DEFAULT_PORTS.get(self.scheme)
+
+
+def strip_spiffe(principal: str) -> str:
+    """Return a SPIFFE ID in Istio's principal form: `cluster.local/ns/NS/sa/SA`."""
+    return principal[len(_SPIFFE):] if principal.startswith(_SPIFFE) else principal
+
+
+def principal_namespace(principal: str) -> str:
+    parts = strip_spiffe(principal).split("/")
+    for index in range(len(parts) - 1):
+        if parts[index] == "ns":
+            return parts[index + 1]
+    return ""
+
+
+def normalise_host(authority: str, scheme: str) -> tuple[str, int | None]:
+    """Return the lower-case host and its port, or None when the port is the scheme's default."""
+    text = authority.strip().lower()
+    if not text or "@" in text:
+        raise RequestError("invalid_host", "empty host or userinfo in the authority")
+
+    port: int | None = None
+    if text.startswith("["):
+        host, _, rest = text.partition("]")
+        host += "]"
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise RequestError("invalid_host", "invalid port in the authority")
+            port = int(rest[1:])
+        if not _IPV6_HOST.match(host):
+            raise RequestError("invalid_host", "invalid IPv6 literal in the authority")
+    else:
+        host, sep, port_text = text.partition(":")
+        if sep:
+            if not port_text.isdigit() or len(port_text) > 5:
+                raise RequestError("invalid_host", "invalid port in the authority")
+            port = int(port_text)
+        host = host[:-1] if host.endswith(".") else host
+        if not host or len(host) > 253 or not _HOST.match(host):
+            raise RequestError("invalid_host", "invalid host name in the authority")
+
+    if port is not None and not 0 < port <= 65535:
+        raise RequestError("invalid_host", "port out of range in the authority")
+    if port == _DEFAULT_PORTS.get(scheme):
+        port = None
+    return host, port
+
+
+def normalise_path(raw: str, max_bytes: int) -> tuple[str, str]:
+    """Return the normalised path and the raw query; raise RequestError for ambiguous paths."""
+    if len(raw) > max_bytes:
+        raise RequestError("invalid_path", f"path longer than {max_bytes} bytes")
+    if not _PATH_CHARS.match(raw):
+        raise RequestError("invalid_path", "control, space or non-ASCII character in the path")
+    if "#" in raw:
+        raise RequestError("invalid_path", "fragment in the path")
+
+    path, _, query = raw.partition("?")
+    if not path.startswith("/"):
+        raise RequestError("invalid_path", "path does not start with /")
+    if "\\" in path:
+        raise RequestError("invalid_path", "backslash in the path")
+
+    decoded = _decode_unreserved(path)
+    segments: list[str] = []
+    for segment in decoded.split("/")[1:]:
+        if segment.startswith((".;", "..;")):
+            raise RequestError("invalid_path", "path parameter on a dot segment")
+        if segment == "" or segment == ".":
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+
+    normalised = "/" + "/".join(segments)
+    # A trailing slash or trailing dot segment names a directory: keep the slash.
+    if len(normalised) > 1 and (decoded.endswith("/") or decoded.endswith("/.") or decoded.endswith("/..")):
+        normalised += "/"
+    return normalised, query
+
+
+def _decode_unreserved(path: str) -> str:
+    if "%" not in path:
+        return path
+    out: list[str] = []
+    index = 0
+    length = len(path)
+    while index < length:
+        char = path[index]
+        if char != "%":
+            out.append(char)
+            index += 1
+            continue
+        hex_digits = path[index + 1:index + 3]
+        if len(hex_digits) != 2 or not set(hex_digits) <= _HEX:
+            raise RequestError("invalid_path", "invalid percent-escape in the path")
+        hex_digits = hex_digits.upper()
+        if hex_digits in _FORBIDDEN_ESCAPES:
+            raise RequestError("invalid_path", f"encoded %{hex_digits} in the path")
+        decoded = chr(int(hex_digits, 16))
+        out.append(decoded if decoded in _UNRESERVED else "%" + hex_digits)
+        index += 3
+    return "".join(out)
+
+
+def _address_ip(address: object) -> tuple[str, int | None]:
+    socket_address = address.socket_address  # type: ignore[attr-defined]
+    return socket_address.address, (socket_address.port_value or None)
+
+
+def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: int) -> HttpRequest:
+    """Normalise a CheckRequest; raise RequestError (a deny) for anything malformed."""
+    attributes = check.attributes
+    if not attributes.request.HasField("http"):
+        raise RequestError("non_http_request", "CheckRequest without HTTP attributes")
+    http = attributes.request.http
+
+    method = http.method
+    if not _METHOD.match(method):
+        raise RequestError("invalid_request", "invalid HTTP method")
+    scheme = (http.scheme or "http").lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise RequestError("invalid_request", "unsupported scheme")
+
+    headers = dict(http.headers)
+    if not headers and http.header_map.headers:
+        # Envoy sends header_map instead of headers when encode_raw_headers is on.
+        for entry in http.header_map.headers:
+            value = entry.raw_value.decode("latin-1") if entry.raw_value else entry.value
+            name = entry.key.lower()
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+
+    authority = http.host or headers.get(":authority", "")
+    host, authority_port = normalise_host(authority, scheme)
+    path, query = normalise_path(http.path or headers.get(":path", ""), max_path_bytes)
+
+    request_id = http.id if _REQUEST_ID.match(http.id or "") else ""
+    header_request_id = headers.get("x-request-id", "")
+    if _REQUEST_ID.match(header_request_id):
+        request_id = header_request_id
+
+    source_address, _ = _address_ip(attributes.source.address)
+    _, destination_port = _address_ip(attributes.destination.address)
+    return HttpRequest(
+        method=method,
+        scheme=scheme,
+        host=host,
+        authority_port=authority_port,
+        path=path,
+        query=query,
+        headers=headers,
+        request_id=request_id,
+        source_address=source_address,
+        source_principal=attributes.source.principal,
+        destination_principal=attributes.destination.principal,
+        destination_port=destination_port,
+        context_extensions=dict(attributes.context_extensions),
+    )

@@ -1,0 +1,140 @@
+"""The running service: builds every part from a validated Config, serves gRPC and HTTP, drains.
+
+The gRPC server is grpcio's synchronous server on a thread pool. On this project's 2-core test machine
+an allow-all sync server answered about 1.6 times the Checks per second of an allow-all grpc.aio
+server (see docs/benchmarks.md). Health (grpc.health.v1) reports SERVING only once the signing keys,
+every issuer's key set and the policies are loaded, and NOT_SERVING from the moment draining starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extauthz.config import Config
+from extauthz.decision_log import DecisionLog
+from extauthz.errors import ConfigError, JWKSError
+from extauthz.http_listener import SideApp, SideListener
+from extauthz.identity import TokenVerifier
+from extauthz.jwks import IssuerKeys
+from extauthz.keys import KeyRing
+from extauthz.mint import TokenMinter
+from extauthz.pipeline import Authorizer
+from extauthz.policy import PolicySet, load_policies
+from extauthz.servicer import AuthorizationServicer
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+def build_authorizer(config: Config, decision_log: DecisionLog,
+                     issuer_keys: dict[str, IssuerKeys] | None = None) -> tuple[Authorizer, KeyRing]:
+    """Load policies, issuers' key sets and signing keys; raise ConfigError or JWKSError if any fails."""
+    policies = PolicySet(load_policies(config.policies.paths, config.policies.provider, config.token.ttl),
+                         config.policies.root_namespace)
+    if not len(policies):
+        log.warning("no CUSTOM policy for this provider was found: every request will be denied",
+                    extra={"provider": config.policies.provider})
+
+    if issuer_keys is None:
+        issuer_keys = {issuer.issuer: IssuerKeys(issuer) for issuer in config.issuers}
+        for keys in issuer_keys.values():
+            keys.load()
+
+    key_ring = KeyRing(config.token.signing, config.token.ttl)
+    authorizer = Authorizer(
+        verifier=TokenVerifier(issuer_keys, config.limits.token_cache_size),
+        policies=policies,
+        minter=TokenMinter(config.token, key_ring, time.time),
+        decision_log=decision_log,
+        max_token_bytes=config.limits.max_token_bytes,
+        max_path_bytes=config.limits.max_path_bytes,
+    )
+    return authorizer, key_ring
+
+
+class Service:
+    """extauthz serving one configuration: gRPC Check and health, plus the HTTP side listener."""
+
+    def __init__(self, config: Config, decision_log: DecisionLog | None = None):
+        self.config = config
+        self.decision_log = decision_log or DecisionLog(config.decision_log)
+        self.issuer_keys = {issuer.issuer: IssuerKeys(issuer) for issuer in config.issuers}
+        for keys in self.issuer_keys.values():
+            try:
+                keys.load()
+            except JWKSError as exc:
+                if keys.config.jwks_file is not None:
+                    raise ConfigError(str(config.source), "issuers", str(exc)) from exc
+        self.authorizer, self.key_ring = build_authorizer(config, self.decision_log, self.issuer_keys)
+        self.draining = False
+
+        self.health = health.HealthServicer()
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="check"),
+            maximum_concurrent_rpcs=config.server.threads + config.server.max_pending,
+            options=[("grpc.so_reuseport", 0)],
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(self.authorizer, config.token.header), self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        try:
+            self.grpc_port = self.grpc_server.add_insecure_port(str(config.listen.grpc))
+        except RuntimeError as exc:
+            raise ConfigError(str(config.source), "listen.grpc", f"cannot listen on {config.listen.grpc}",
+                              "stop whatever uses that port or choose another") from exc
+        try:
+            self.http = SideListener(config.listen.http, SideApp(self.key_ring, self.is_ready))
+        except OSError as exc:
+            self.grpc_server.stop(None)
+            raise ConfigError(str(config.source), "listen.http", f"cannot listen on {config.listen.http}: "
+                              f"{exc.strerror}", "stop whatever uses that port or choose another") from exc
+        self.http_port = self.http.port
+        self._ready_watch = threading.Thread(target=self._watch_readiness, name="readiness", daemon=True)
+
+    def is_ready(self) -> bool:
+        return not self.draining and all(keys.loaded for keys in self.issuer_keys.values())
+
+    def _set_health(self, status: int) -> None:
+        for service in ("", AUTHORIZATION_SERVICE):
+            self.health.set(service, status)
+
+    def _watch_readiness(self) -> None:
+        while not self.is_ready():
+            if self.draining:
+                return
+            time.sleep(0.2)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready", extra={"grpc_port": self.grpc_port, "http_port": self.http_port})
+
+    def start(self) -> None:
+        for keys in self.issuer_keys.values():
+            keys.start()
+        self.grpc_server.start()
+        self.http.start()
+        log.info("listening", extra={"grpc": f"{self.config.listen.grpc.host}:{self.grpc_port}",
+                                     "http": f"{self.config.listen.http.host}:{self.http_port}",
+                                     "policies": len(self.authorizer.policies)})
+        self._ready_watch.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking new Checks, let in-flight ones finish within `grace` seconds, then close."""
+        grace = self.config.server.drain_timeout if grace is None else grace
+        self.draining = True
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining", extra={"grace_s": grace})
+        self.grpc_server.stop(grace).wait()
+        self.http.stop()
+        for keys in self.issuer_keys.values():
+            keys.stop()
+        self.decision_log.close()
+        log.info("stopped")
