@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+from helpers import check_request
+
+
+def test_pipeline_allows_public_route(authorizer):
+    authorizer, decision_log = authorizer
+    decision = authorizer.check(check_request(path="/public/items"))
+    assert decision.allowed
+    assert decision.reason == "allowed"
+    assert decision.policies == ["shop/public"]
+    assert decision_log.records()[0]["decision"] == "allow"
+
+
+@pytest.mark.parametrize(
+    ("path", "token_kind", "status", "reason"),
+    [
+        ("/admin", "fresh", 200, "allowed"),
+        ("/admin", "stale", 401, "insufficient_user_authentication"),
+        ("/admin", None, 401, "missing_token"),
+        ("/public/../admin", None, 401, "missing_token"),
+        ("//admin", None, 401, "missing_token"),
+        ("/admin%2Fx", None, 400, "invalid_path"),
+        ("/api?x=/../admin", None, 403, "no_matching_policy"),
+        ("/elsewhere", None, 403, "no_matching_policy"),
+    ],
+)
+def test_pipeline_decision_table(authorizer, idp, path, token_kind, status, reason):
+    authorizer, _ = authorizer
+    tokens = {"fresh": idp.token(), "stale": idp.token(auth_time=1_600_000_000), None: None}
+    decision = authorizer.check(check_request(path=path, token=tokens[token_kind]))
+    assert decision.status == status
+    assert decision.reason == reason
