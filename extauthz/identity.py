@@ -26,7 +26,8 @@ from jwt.api_jws import PyJWS
 from extauthz.errors import TokenError
 from extauthz.jwks import IssuerKeys
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+# \Z, not $: $ also matches before a trailing newline, which base64.urlsafe_b64decode ignores.
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
 _SCHEME_SEPARATOR = re.compile(r"[ \t]+")
 # Dates beyond the year 5000 are treated as malformed rather than as "never expires".
 _MAX_NUMERIC_DATE = 95_617_584_000
@@ -113,7 +114,8 @@ def _numeric_date(claims: Mapping[str, Any], name: str, required: bool) -> float
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenError("invalid_token", f"{name} claim is not a number")
-    if not math.isfinite(value) or not 0 <= value <= _MAX_NUMERIC_DATE:
+    # The range check comes first: math.isfinite raises OverflowError on an int too large for a float.
+    if not 0 <= value <= _MAX_NUMERIC_DATE or not math.isfinite(value):
         raise TokenError("invalid_token", f"{name} claim out of range")
     return float(value)
 

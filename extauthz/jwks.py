@@ -64,6 +64,11 @@ def parse_jwks(data: bytes, source: str, algorithms: tuple[str, ...], generation
         except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
             log.warning("skipping JWKS key", extra={"source": source, "index": index, "why": str(exc)})
             continue
+        if key.algorithm_name not in algorithms:
+            # A key without `alg` gets pyjwt's default for its type, such as RS256 for any RSA key.
+            log.warning("skipping JWKS key", extra={"source": source, "index": index,
+                                                    "why": f"{key.algorithm_name} is not an allowed algorithm"})
+            continue
         kid = entry.get("kid")
         if isinstance(kid, str) and kid:
             keys[kid] = key
@@ -81,6 +86,15 @@ def _default_algorithm(entry: dict, algorithms: tuple[str, ...]) -> str | None:
         return curve_algorithms.get(entry.get("crv", ""))
     rsa = [alg for alg in algorithms if alg[:2] in ("RS", "PS")]
     return rsa[0] if rsa else None
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to https:// URLs, so that a redirect cannot downgrade the fetch to plain HTTP."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if not newurl.lower().startswith("https://"):
+            raise urllib.error.URLError(f"redirect to a URL that is not https://: {newurl}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class IssuerKeys:
@@ -151,8 +165,9 @@ class IssuerKeys:
         context = ssl.create_default_context(
             cafile=str(self.config.jwks_ca_file) if self.config.jwks_ca_file else None)
         request = urllib.request.Request(uri, headers={"Accept": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _HttpsOnlyRedirects())
         try:
-            with urllib.request.urlopen(request, timeout=self.config.jwks_timeout, context=context) as response:
+            with opener.open(request, timeout=self.config.jwks_timeout) as response:
                 data = response.read(MAX_JWKS_BYTES + 1)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise JWKSError(f"{uri}: fetch failed: {exc}") from exc

@@ -27,6 +27,7 @@ could read as some other path is either rejected or matched as that other path.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -37,11 +38,14 @@ from extauthz.errors import RequestError
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _FORBIDDEN_ESCAPES = frozenset(("2F", "5C", "00", "25"))
 _HEX = frozenset("0123456789abcdefABCDEF")
-_PATH_CHARS = re.compile(r"^[\x21-\x7e]*$")
-_HOST = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$")
-_IPV6_HOST = re.compile(r"^\[[0-9a-f:.]+\]$")
-_METHOD = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# The patterns end in \Z, not $, because $ also matches before a trailing newline.
+_PATH_CHARS = re.compile(r"^[\x21-\x7e]*\Z")
+_HOST = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\Z")
+_IPV6_HOST = re.compile(r"^\[[0-9a-f:.]+\]\Z")
+# ASCII digits only: str.isdigit() also accepts digits such as "²" that int() cannot parse.
+_PORT = re.compile(r"^[0-9]{1,5}\Z")
+_METHOD = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}\Z")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}\Z")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SPIFFE = "spiffe://"
 
@@ -95,6 +99,14 @@ def principal_namespace(principal: str) -> str:
     return ""
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def normalise_host(authority: str, scheme: str) -> tuple[str, int | None]:
     """Return the lower-case host and its port, or None when the port is the scheme's default."""
     text = authority.strip().lower()
@@ -103,18 +115,18 @@ def normalise_host(authority: str, scheme: str) -> tuple[str, int | None]:
 
     port: int | None = None
     if text.startswith("["):
-        host, _, rest = text.partition("]")
+        host, bracket, rest = text.partition("]")
         host += "]"
         if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
+            if not rest.startswith(":") or not _PORT.match(rest[1:]):
                 raise RequestError("invalid_host", "invalid port in the authority")
             port = int(rest[1:])
-        if not _IPV6_HOST.match(host):
+        if not bracket or not _IPV6_HOST.match(host) or not _is_ipv6(host[1:-1]):
             raise RequestError("invalid_host", "invalid IPv6 literal in the authority")
     else:
         host, sep, port_text = text.partition(":")
         if sep:
-            if not port_text.isdigit() or len(port_text) > 5:
+            if not _PORT.match(port_text):
                 raise RequestError("invalid_host", "invalid port in the authority")
             port = int(port_text)
         host = host[:-1] if host.endswith(".") else host
