@@ -19,7 +19,8 @@ def echo_app(environ: dict, start_response: Callable) -> Iterable[bytes]:
             headers[key.replace("_", "-").lower()] = environ[key]
     body = json.dumps({
         "method": environ.get("REQUEST_METHOD"),
-        "path": environ.get("RAW_URI") or environ.get("PATH_INFO"),
+        # REQUEST_URI is the request target as sent; PATH_INFO is percent-decoded and has no query.
+        "path": environ.get("REQUEST_URI") or environ.get("PATH_INFO"),
         "headers": headers,
     }, indent=2).encode() + b"\n"
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
@@ -29,7 +30,8 @@ def echo_app(environ: dict, start_response: Callable) -> Iterable[bytes]:
 class EchoServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.server = create_server(echo_app, host=host, port=port, threads=4, ident="echo")
-        self.port = self.server.effective_port
+        # waitress reports the bound port as a string.
+        self.port = int(self.server.effective_port)
         self._thread = threading.Thread(target=self.server.run, name="echo", daemon=True)
 
     def start(self) -> EchoServer:

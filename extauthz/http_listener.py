@@ -59,7 +59,8 @@ class SideListener:
     def __init__(self, address: Address, app: SideApp):
         self.server = create_server(app, host=address.host, port=address.port, threads=2,
                                     ident="extauthz", clear_untrusted_proxy_headers=True)
-        self.port = self.server.effective_port
+        # waitress reports the bound port as a string.
+        self.port = int(self.server.effective_port)
         self._thread = threading.Thread(target=self.server.run, name="http-listener", daemon=True)
 
     def start(self) -> None:
