@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from extauthz.errors import REASONS, DenyError
 from extauthz.identity import EndUser
 from extauthz.mint import MintedToken
-from extauthz.request import HttpRequest
+from extauthz.request import HttpRequest, Peer
 
 
 @dataclass(slots=True)
@@ -18,6 +18,7 @@ class Decision:
     reason: str = "internal_error"
     detail: str = ""
     description: str = REASONS["internal_error"].description
+    peer: Peer | None = None
     request: HttpRequest | None = None
     user: EndUser | None = None
     policies: list[str] = field(default_factory=list)

@@ -38,17 +38,18 @@ def build_record(decision: Decision) -> dict[str, Any]:
     if decision.detail:
         record["detail"] = decision.detail
 
+    peer = decision.peer
+    if peer is not None:
+        record.update({
+            "request_id": peer.request_id,
+            "source_principal": peer.source_principal,
+            "source_address": peer.source_address,
+            "destination_principal": peer.destination_principal,
+        })
+    # Host, method and path only once they are valid: a malformed one is not repeated into the log.
     request = decision.request
     if request is not None:
-        record.update({
-            "request_id": request.request_id,
-            "source_principal": request.source_principal,
-            "source_address": request.source_address,
-            "destination_principal": request.destination_principal,
-            "host": request.host,
-            "method": request.method,
-            "path": request.path,
-        })
+        record.update({"host": request.host, "method": request.method, "path": request.path})
     record["policies"] = decision.policies
 
     user = decision.user

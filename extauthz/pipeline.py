@@ -27,7 +27,7 @@ from extauthz.identity import TokenVerifier, extract_bearer
 from extauthz.mint import TokenMinter
 from extauthz.policy import PolicySet, combine_requirements
 from extauthz.reauth import check_authentication
-from extauthz.request import from_check_request
+from extauthz.request import from_check_request, read_peer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class Authorizer:
         return decision
 
     def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision) -> None:
-        request = from_check_request(check_request, self.max_path_bytes)
+        decision.peer = read_peer(check_request)
+        request = from_check_request(check_request, self.max_path_bytes, decision.peer)
         decision.request = request
 
         token = extract_bearer(request.headers.get("authorization"), self.max_token_bytes)

@@ -31,7 +31,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from envoy.service.auth.v3 import external_auth_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from extauthz.errors import RequestError
 
@@ -204,12 +204,52 @@ def _address_ip(address: object) -> tuple[str, int | None]:
     return socket_address.address, (socket_address.port_value or None)
 
 
-def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: int) -> HttpRequest:
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who sent a request and its id: readable even when the request itself is malformed."""
+
+    request_id: str
+    source_address: str
+    source_principal: str
+    destination_principal: str
+    destination_port: int | None
+
+
+def _header_value(http: attribute_context_pb2.AttributeContext.HttpRequest, name: str) -> str:
+    if name in http.headers:
+        return http.headers[name]
+    for entry in http.header_map.headers:
+        if entry.key.lower() == name:
+            return entry.raw_value.decode("latin-1") if entry.raw_value else entry.value
+    return ""
+
+
+def read_peer(check: external_auth_pb2.CheckRequest) -> Peer:
+    """Read the request id and the principals and addresses of both ends; never raises."""
+    attributes = check.attributes
+    http = attributes.request.http
+    request_id = _header_value(http, "x-request-id")
+    if not _REQUEST_ID.match(request_id):
+        request_id = http.id if _REQUEST_ID.match(http.id) else ""
+    source_address, _ = _address_ip(attributes.source.address)
+    _, destination_port = _address_ip(attributes.destination.address)
+    return Peer(
+        request_id=request_id,
+        source_address=source_address,
+        source_principal=attributes.source.principal,
+        destination_principal=attributes.destination.principal,
+        destination_port=destination_port,
+    )
+
+
+def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: int,
+                       peer: Peer | None = None) -> HttpRequest:
     """Normalise a CheckRequest; raise RequestError (a deny) for anything malformed."""
     attributes = check.attributes
     if not attributes.request.HasField("http"):
         raise RequestError("non_http_request", "CheckRequest without HTTP attributes")
     http = attributes.request.http
+    peer = peer or read_peer(check)
 
     method = http.method
     if not _METHOD.match(method):
@@ -230,13 +270,6 @@ def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: in
     host, authority_port = normalise_host(authority, scheme)
     path, query = normalise_path(http.path or headers.get(":path", ""), max_path_bytes)
 
-    request_id = http.id if _REQUEST_ID.match(http.id or "") else ""
-    header_request_id = headers.get("x-request-id", "")
-    if _REQUEST_ID.match(header_request_id):
-        request_id = header_request_id
-
-    source_address, _ = _address_ip(attributes.source.address)
-    _, destination_port = _address_ip(attributes.destination.address)
     return HttpRequest(
         method=method,
         scheme=scheme,
@@ -245,10 +278,10 @@ def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: in
         path=path,
         query=query,
         headers=headers,
-        request_id=request_id,
-        source_address=source_address,
-        source_principal=attributes.source.principal,
-        destination_principal=attributes.destination.principal,
-        destination_port=destination_port,
+        request_id=peer.request_id,
+        source_address=peer.source_address,
+        source_principal=peer.source_principal,
+        destination_principal=peer.destination_principal,
+        destination_port=peer.destination_port,
         context_extensions=dict(attributes.context_extensions),
     )

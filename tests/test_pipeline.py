@@ -32,3 +32,27 @@ def test_pipeline_decision_table(authorizer, idp, path, token_kind, status, reas
     decision = authorizer.check(check_request(path=path, token=tokens[token_kind]))
     assert decision.status == status
     assert decision.reason == reason
+
+
+def test_malformed_request_record_keeps_ids(authorizer):
+    authorizer, decision_log = authorizer
+    decision = authorizer.check(check_request(host="bad!host", request_id="req-bad-host"))
+    record = decision_log.records()[0]
+    assert decision.reason == "invalid_host"
+    assert record["request_id"] == "req-bad-host"
+    assert record["source_principal"] == "spiffe://cluster.local/ns/web/sa/frontend"
+    assert "host" not in record
+
+
+def test_pipeline_bug_becomes_internal_error(authorizer, monkeypatch):
+    authorizer, decision_log = authorizer
+
+    def broken_match(request, user):
+        raise KeyError("simulated bug")
+
+    monkeypatch.setattr(authorizer.policies, "match", broken_match)
+    decision = authorizer.check(check_request())
+    assert not decision.allowed
+    assert decision.reason == "internal_error"
+    assert decision.status == 500
+    assert decision_log.records()[0]["decision"] == "deny"
