@@ -146,7 +146,11 @@ class _Section:
         if name in self.data and self.data[name] is not None:
             return self.data[name]
         if required:
-            raise self.error(name, "missing", f"set {self.path(name)}")
+            # A present key with a similar name is probably this key misspelt, so the fix names it.
+            close = difflib.get_close_matches(name, [str(key) for key in self.data if key != name], n=1)
+            fix = (f"did you mean {self.path(name)!r} instead of {self.path(close[0])!r}?" if close
+                   else f"set {self.path(name)}")
+            raise self.error(name, "missing", fix)
         return default
 
     def section(self, name: str) -> _Section:
@@ -397,8 +401,11 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(str(source), "", f"invalid YAML: {exc}") from exc
 
     top = _Section(str(source), source.resolve().parent, "", data)
-    values = {name: read(top) for name, read in _SECTIONS.items()}
+    # Check the top-level keys first, because a misspelt section would otherwise be reported as a missing key
+    # inside the section.
+    top.known.update(_SECTIONS)
     top.finish()
+    values = {name: read(top) for name, read in _SECTIONS.items()}
 
     config = Config(source=source, **values)
     for index, issuer in enumerate(config.issuers):

@@ -10,7 +10,7 @@ provider, and evaluates their `rules` itself:
   values does, and a `not*` field when none of its values does;
 - string values match exactly, as a prefix (`abc*`), as a suffix (`*abc`) or, for `*`, any
   non-empty value. Hosts compare case-insensitively. Paths also accept `{*}` (one segment) and
-  `{**}` (any remaining segments, last only);
+  `{**}` (one or more segments, with no operator after it);
 - a policy applies to requests for destinations in its own namespace, and a policy in the root
   namespace applies to every destination. The destination namespace comes from the destination
   principal (`.../ns/NAME/...`) or, for a plain Envoy without mTLS, from the route's
@@ -63,7 +63,7 @@ _CONDITION_KEYS = (
     "request.auth.principal", "request.auth.audiences", "request.auth.presenter", "request.auth.claims",
     "destination.ip", "destination.port",
 )
-_BRACKETED = re.compile(r"^([a-z.]+)((?:\[[^\[\]]+\])+)$")
+_BRACKETED = re.compile(r"^([a-z.]+)((?:\[[^\[\]]+\])+)\Z")
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -95,13 +95,16 @@ class StringMatch:
 
 
 def _path_template(value: str) -> Callable[[str], bool]:
+    """Compile a path with `{*}` (exactly one segment) and `{**}` (one or more segments, the last operator)."""
     segments = value.split("/")
     parts = []
-    for index, segment in enumerate(segments):
+    seen_double = False
+    for segment in segments:
+        if segment in ("{*}", "{**}") and seen_double:
+            raise ValueError("{**} must be the last operator in a path template")
         if segment == "{**}":
-            if index != len(segments) - 1:
-                raise ValueError("{**} must be the last path segment")
-            parts.append(".*")
+            seen_double = True
+            parts.append("[^/]+(?:/[^/]+)*")
         elif segment == "{*}":
             parts.append("[^/]+")
         elif "{" in segment or "}" in segment:
@@ -260,7 +263,9 @@ def _condition(reader: _Reader, data: object, field: str) -> Condition:
         base = bracketed.group(1)
         selector = tuple(re.findall(r"\[([^\[\]]+)\]", bracketed.group(2)))
         if base not in ("request.headers", "request.auth.claims"):
-            raise reader.error(f"{field}.key", f"{base} takes no [...] selector")
+            close = difflib.get_close_matches(base, ("request.headers", "request.auth.claims"), n=1)
+            raise reader.error(f"{field}.key", f"{base} takes no [...] selector",
+                               f"did you mean {close[0]!r}?" if close else None)
         if base == "request.headers":
             if len(selector) != 1:
                 raise reader.error(f"{field}.key", "request.headers takes one [name]")
@@ -338,8 +343,9 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
             seconds = parse_duration(settings[short])
         except ValueError as exc:
             raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", str(exc)) from exc
-        if seconds <= 0:
-            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", "must be positive")
+        if seconds < 1:
+            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", "must be at least 1s",
+                               "JWT dates count whole seconds")
         return seconds
 
     acr_values: tuple[frozenset[str], ...] = ()
@@ -364,7 +370,11 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
     scope = settings.get("token-scope")
     audience = settings.get("token-audience")
     if audience == "":
-        raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}token-audience]", "empty")
+        raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}token-audience]", "empty",
+                           "name the backend, or drop the annotation to use the request's host")
+    if scope is not None and not scope.split():
+        raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}token-scope]", "empty",
+                           "list space-separated scopes, or drop the annotation")
     requirements = Requirements(
         reauth_max_age=duration("reauth-max-age"),
         acr_values=acr_values,
@@ -384,7 +394,8 @@ def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl
     if document.get("apiVersion") not in API_VERSIONS:
         raise reader.error("apiVersion", f"unsupported apiVersion {document.get('apiVersion')!r}",
                            f"use {' or '.join(API_VERSIONS)}")
-    reader.check_keys(document, ("apiVersion", "kind", "metadata", "spec"), "")
+    # `status` appears in `kubectl get -o yaml` output; it says nothing about the policy itself.
+    reader.check_keys(document, ("apiVersion", "kind", "metadata", "spec", "status"), "")
     metadata = reader.mapping(document.get("metadata"), "metadata")
     spec = reader.mapping(document.get("spec"), "spec")
     reader.check_keys(spec, ("selector", "targetRef", "targetRefs", "action", "provider", "rules"), "spec")
@@ -489,7 +500,7 @@ def _condition_candidates(condition: Condition, request: HttpRequest, user: EndU
     if key == "destination.port":
         return (request.port,)
     if key == "destination.ip":
-        return ()
+        return (request.destination_address,) if request.destination_address else ()
     if key == "source.namespace":
         return (request.source_namespace,) if request.source_namespace else ()
     if key == "source.principal":

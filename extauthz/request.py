@@ -66,6 +66,7 @@ class HttpRequest:
     source_principal: str
     destination_principal: str
     destination_port: int | None
+    destination_address: str = ""
     context_extensions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -212,6 +213,7 @@ class Peer:
     source_address: str
     source_principal: str
     destination_principal: str
+    destination_address: str
     destination_port: int | None
 
 
@@ -232,12 +234,13 @@ def read_peer(check: external_auth_pb2.CheckRequest) -> Peer:
     if not _REQUEST_ID.match(request_id):
         request_id = http.id if _REQUEST_ID.match(http.id) else ""
     source_address, _ = _address_ip(attributes.source.address)
-    _, destination_port = _address_ip(attributes.destination.address)
+    destination_address, destination_port = _address_ip(attributes.destination.address)
     return Peer(
         request_id=request_id,
         source_address=source_address,
         source_principal=attributes.source.principal,
         destination_principal=attributes.destination.principal,
+        destination_address=destination_address,
         destination_port=destination_port,
     )
 
@@ -282,6 +285,7 @@ def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: in
         source_address=peer.source_address,
         source_principal=peer.source_principal,
         destination_principal=peer.destination_principal,
+        destination_address=peer.destination_address,
         destination_port=peer.destination_port,
         context_extensions=dict(attributes.context_extensions),
     )
