@@ -107,6 +107,7 @@ class ServerConfig:
     threads: int
     max_pending: int
     drain_timeout: float
+    shutdown_delay: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +373,7 @@ def _server(top: _Section) -> ServerConfig:
         threads=section.integer("threads", 16, 1, 1024),
         max_pending=section.integer("max_pending", 256, 1, 100_000),
         drain_timeout=section.duration("drain_timeout", "10s"),
+        shutdown_delay=section.duration("shutdown_delay", "0s"),
     )
     section.finish()
     return server

@@ -1,28 +1,10 @@
 """CheckRequest to HttpRequest: every normalisation that happens before policy matching.
 
-Policies match the normalised form. The rules, in order:
-
-Host (`:authority`)
-  1. Lower-cased, one trailing dot removed.
-  2. A port equal to the scheme's default (80 for http, 443 for https) is dropped. Any other port
-     stays in `authority_port`; policy `hosts` entries without a port match any port.
-  3. Userinfo (`@`), empty hosts, bad characters and bad ports are rejected with 400 `invalid_host`.
-
-Path (`:path`)
-  1. The query is split off at the first `?` and is never matched.
-  2. Rejected with 400 `invalid_path`: a path that does not start with `/`; longer than the limit;
-     a fragment (`#`), a backslash, a NUL or other control character, a space or a non-ASCII byte;
-     a `%` not followed by two hex digits; an encoded `/` (`%2F`), `\\` (`%5C`), NUL (`%00`) or
-     `%` (`%25`, since a second decoding by the backend would see a different path); a segment
-     that starts with `.;` or `..;`, which servlet containers read as a dot segment.
-  3. Percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded exactly once.
-     Other escapes stay encoded, with their hex digits upper-cased.
-  4. Runs of slashes are merged into one.
-  5. Dot segments (`.` and `..`) are removed as RFC 3986 section 5.2.4 does; `..` at the root stays
-     at the root.
-
-Because every step makes the path more canonical, never less, a request whose raw path a backend
-could read as some other path is either rejected or matched as that other path.
+Policies match the normalised form. docs/request-normalisation.md lists the rules and
+tests/test_request.py has a table test for each. In short: the host is lower-cased without a default
+port; the query is split off; unreserved percent-escapes are decoded exactly once; slashes are merged
+and dot segments removed; and anything that parsers could read two ways (encoded `/`, `\\`, NUL or
+`%`, backslashes, fragments, control characters, `..;` segments) is a 400 `invalid_path`.
 """
 
 from __future__ import annotations

@@ -127,10 +127,18 @@ class Service:
         self._ready_watch.start()
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop taking new Checks, let in-flight ones finish within `grace` seconds, then close."""
+        """Report NOT_SERVING, keep serving for `server.shutdown_delay`, then drain within `grace` seconds.
+
+        The delay gives Kubernetes and Envoy time to stop sending new Checks. grpcio cancels calls that
+        are queued but not yet running when the server stops, so without the delay a busy replica's
+        last queued Checks end as errors, which Envoy turns into its status_on_error.
+        """
         grace = self.config.server.drain_timeout if grace is None else grace
         self.draining = True
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.server.shutdown_delay:
+            log.info("shutting down after a delay", extra={"delay_s": self.config.server.shutdown_delay})
+            time.sleep(self.config.server.shutdown_delay)
         log.info("draining", extra={"grace_s": grace})
         self.grpc_server.stop(grace).wait()
         self.http.stop()

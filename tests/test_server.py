@@ -180,3 +180,70 @@ def test_sigterm_drains(tmp_path, idp):
     # server stops, so those fail as CANCELLED without a decision. Calls sent later fail as UNAVAILABLE.
     assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
     assert "stopped" in [record["message"] for record in log_records(server.stderr())]
+
+
+def test_shutdown_delay_keeps_serving(tmp_path, idp):
+    server = ServeProcess(tmp_path, idp, overrides={"server": {"shutdown_delay": "3s"}})
+    channel = None
+    try:
+        server.start()
+        server.wait_ready()
+        channel = grpc.insecure_channel(f"{LOOPBACK}:{server.grpc_port}")
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        check_stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        server.process.send_signal(signal.SIGTERM)
+
+        status = health_pb2.HealthCheckResponse.SERVING
+        for _ in range(50):
+            status = health_stub.Check(health_pb2.HealthCheckRequest(service=AUTHORIZATION_SERVICE), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        response = check_stub.Check(check_request(path="/public/x"), timeout=2)
+        exit_code = server.process.wait(timeout=30)
+    finally:
+        if channel is not None:
+            channel.close()
+        server.stop()
+
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert response.status.code == code_pb2.OK
+    assert exit_code == 0
+
+
+def test_overload_answers_resource_exhausted(tmp_path, idp, monkeypatch):
+    from extauthz.config import load_config
+    from extauthz.server import Service
+
+    config_path = write_config(tmp_path, idp, overrides={"server": {"threads": 1, "max_pending": 1}})
+    service = Service(load_config(config_path))
+    release = threading.Event()
+    entered = threading.Event()
+    check = service.authorizer.check
+
+    def held_check(request):
+        entered.set()
+        release.wait(timeout=10)
+        return check(request)
+
+    # A slow pipeline: the first Check holds the only thread, the second waits, the third is over the limit.
+    monkeypatch.setattr(service.authorizer, "check", held_check)
+    service.start()
+    channel = grpc.insecure_channel(f"{LOOPBACK}:{service.grpc_port}")
+    try:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        held = [stub.Check.future(check_request(path="/public/x"), timeout=10) for _ in range(2)]
+        assert entered.wait(timeout=5)
+        # The second call has no thread to signal its arrival; give it time to reach the queue.
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Check(check_request(path="/public/x"), timeout=5)
+        release.set()
+        codes = [future.result().status.code for future in held]
+    finally:
+        release.set()
+        channel.close()
+        service.stop(grace=1)
+
+    assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert codes == [code_pb2.OK, code_pb2.OK]
