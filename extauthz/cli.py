@@ -44,6 +44,71 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_shared_store(config_path: str):
+    from extauthz.config import load_config
+    from extauthz.store import open_store
+
+    config = load_config(config_path)
+    if not config.store.shared:
+        raise ConfigError(config_path, "store.url", "memory:// is private to one serve process",
+                          "set store.url to the Redis that the replicas share, such as redis://HOST:6379/0")
+    return config, open_store(config.store)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from extauthz.revocation import revoke
+    from extauthz.store import StoreError
+
+    kind, value = next((kind, value) for kind, value in
+                       (("sub", args.subject), ("sid", args.session), ("jti", args.jti)) if value)
+    try:
+        config, store = _open_shared_store(args.config)
+        entry = revoke(store, config, kind, value, issuer=args.issuer, reason=args.reason or "")
+    except (ConfigError, StoreError, ValueError) as exc:
+        print(f"extauthz revoke: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
+    print(f"revoked {kind} {value!r} until {_utc(entry['expires_at'])}")
+    return 0
+
+
+def _utc(timestamp: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _revocations(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from extauthz.store import StoreError
+
+    try:
+        _, store = _open_shared_store(args.config)
+        if args.action == "clear":
+            removed = store.remove_revocations(None)
+            print(f"removed {removed} revocations")
+            return 0
+        entries = store.revocation_entries()
+    except (ConfigError, StoreError) as exc:
+        print(f"extauthz revocations: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
+
+    now = time.time()
+    active = sorted((entry for entry in entries.values() if float(entry.get("expires_at", 0)) > now),
+                    key=lambda entry: float(entry.get("revoked_at", 0)))
+    if args.format == "json":
+        print(json.dumps(active, indent=2))
+        return 0
+    if not active:
+        print("no active revocations")
+    for entry in active:
+        issuer = f" (issuer {entry['issuer']})" if entry.get("kind") == "sub" and entry.get("issuer") != "*" else ""
+        print(f"{entry.get('kind')} {entry.get('value')!r}{issuer} revoked {_utc(float(entry['revoked_at']))}, "
+              f"expires {_utc(float(entry['expires_at']))}" + (f": {entry['reason']}" if entry.get("reason") else ""))
+    return 0
+
+
 def _dev_token(args: argparse.Namespace) -> int:
     from extauthz.dev_idp import sign_user_token
 
@@ -82,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                        help="level of the operational log on stderr (default: info)")
     serve.set_defaults(run=_serve)
+
+    revoke = commands.add_parser("revoke", help="revoke a subject, a session or one token on every replica")
+    revoke.add_argument("--config", required=True, help="configuration whose store.url names the shared store")
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("--subject", help="revoke the tokens of this `sub` issued before now")
+    target.add_argument("--session", help="revoke every token with this `sid`")
+    target.add_argument("--jti", help="revoke the token with this `jti`")
+    revoke.add_argument("--issuer", help="with --subject: only tokens of this issuer (default: any issuer)")
+    revoke.add_argument("--reason", help="free text kept with the revocation (at most 200 characters)")
+    revoke.set_defaults(run=_revoke)
+
+    revocations = commands.add_parser("revocations", help="list or clear the active revocations")
+    revocations.add_argument("action", choices=("list", "clear"))
+    revocations.add_argument("--config", required=True, help="configuration whose store.url names the shared store")
+    revocations.add_argument("--format", choices=("text", "json"), default="text", help="output format of list")
+    revocations.set_defaults(run=_revocations)
 
     dev = commands.add_parser("dev", help="development helpers; never use their keys in production")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)

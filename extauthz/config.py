@@ -111,6 +111,23 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str
+    cluster: bool
+    key_prefix: str
+    timeout: float
+    retries: int
+    on_error: str
+    max_staleness: float
+    password_env: str | None
+    tls_ca_file: Path | None
+
+    @property
+    def shared(self) -> bool:
+        return not self.url.startswith("memory://")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     listen: ListenConfig
@@ -120,6 +137,7 @@ class Config:
     decision_log: DecisionLogConfig
     limits: LimitsConfig
     server: ServerConfig
+    store: StoreConfig
 
 
 class _Section:
@@ -379,6 +397,43 @@ def _server(top: _Section) -> ServerConfig:
     return server
 
 
+_STORE_SCHEMES = ("memory://", "redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")
+
+
+def _store(top: _Section) -> StoreConfig:
+    section = top.section("store")
+    url = section.string("url", "memory://")
+    if not url.startswith(_STORE_SCHEMES):
+        raise section.error("url", "unsupported store URL scheme",
+                            f"use one of {', '.join(_STORE_SCHEMES)}")
+    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
+        raise section.error("url", "a password in store.url would end up in logs and ConfigMaps",
+                            "put it in an environment variable and name it in store.password_env")
+    cluster = section.raw("cluster", False)
+    if not isinstance(cluster, bool):
+        raise section.error("cluster", f"expected true or false, got {cluster!r}")
+    if cluster and not url.startswith(("redis://", "rediss://")):
+        raise section.error("cluster", "Redis Cluster needs a redis:// or rediss:// URL of one cluster node")
+    store = StoreConfig(
+        url=url,
+        cluster=cluster,
+        key_prefix=section.string("key_prefix", "extauthz:"),
+        timeout=section.duration("timeout", "50ms", minimum=0.001),
+        retries=section.integer("retries", 1, 0, 5),
+        on_error=section.choice("on_error", "deny", ("deny", "allow_standard")),
+        max_staleness=section.duration("max_staleness", "1s", minimum=0.1),
+        password_env=section.raw("password_env", None),  # type: ignore[arg-type]
+        tls_ca_file=section.file_path("tls_ca_file"),
+    )
+    if store.password_env is not None and not isinstance(store.password_env, str):
+        raise section.error("password_env", "expected the name of an environment variable")
+    if store.timeout * (store.retries + 1) > 0.2:
+        raise section.error("timeout", "timeout x (retries + 1) exceeds 200ms, Envoy's usual Check deadline",
+                            "lower store.timeout or store.retries")
+    section.finish()
+    return store
+
+
 _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "listen": _listen,
     "issuers": _issuers,
@@ -387,6 +442,7 @@ _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "decision_log": _decision_log,
     "limits": _limits,
     "server": _server,
+    "store": _store,
 }
 
 

@@ -24,6 +24,10 @@ class Decision:
     policies: list[str] = field(default_factory=list)
     minted: MintedToken | None = None
     error: DenyError | None = None
+    # The shared store was unreachable and store.on_error let the request through on standard checks.
+    degraded: bool = False
+    # The Check repeated an earlier one whose one-time token claim it shares (an Envoy retry).
+    retry: bool = False
     duration: float = 0.0
 
     @property

@@ -68,6 +68,10 @@ def build_record(decision: Decision) -> dict[str, Any]:
         record["token_exp"] = minted.expires_at
         record["token_kid"] = minted.kid
 
+    if decision.degraded:
+        record["degraded"] = True
+    if decision.retry:
+        record["retry"] = True
     record["duration_ms"] = round(decision.duration * 1000, 3)
     return record
 

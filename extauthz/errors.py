@@ -28,13 +28,15 @@ _REASON_LIST = [
     Reason("missing_token", 401, None, "An end-user bearer token is required."),
     Reason("invalid_token", 401, "invalid_token", "The bearer token is invalid."),
     Reason("token_expired", 401, "invalid_token", "The bearer token has expired."),
+    Reason("token_revoked", 401, "invalid_token", "The bearer token has been revoked."),
+    Reason("token_replayed", 401, "invalid_token", "The one-time bearer token has already been used."),
     Reason("insufficient_user_authentication", 401, "insufficient_user_authentication",
            "A more recent or stronger login is required."),
     Reason("no_matching_policy", 403, None, "No policy allows this request."),
     Reason("policy_conflict", 403, None, "The policies that match this request conflict."),
     Reason("non_http_request", 403, None, "Only HTTP requests can be authorized."),
     Reason("internal_error", 500, None, "The authorization server failed."),
-    Reason("overloaded", 503, None, "The authorization server is overloaded."),
+    Reason("state_unavailable", 503, None, "The authorization state store is unavailable."),
 ]
 
 REASONS: dict[str, Reason] = {reason.code: reason for reason in _REASON_LIST}

@@ -2,7 +2,8 @@
 
     GET /.well-known/jwks.json   public keys that verify minted tokens
     GET /healthz                 200 while the process runs
-    GET /readyz                  200 once keys, issuers' key sets and policies are loaded, else 503
+    GET /readyz                  200 once keys, issuers' key sets and policies are loaded, else 503;
+                                 the body also names the shared store's state (`ok` or `unavailable`)
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Callable, Iterable
 from waitress.server import create_server
 
 from extauthz.config import Address
-from extauthz.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,11 @@ JWKS_MAX_AGE = 300
 class SideApp:
     """A WSGI application serving the side listener's paths."""
 
-    def __init__(self, keys: KeyRing, is_ready: Callable[[], bool]):
-        self.keys = keys
+    def __init__(self, jwks: Callable[[], bytes], is_ready: Callable[[], bool],
+                 store_state: Callable[[], str] = lambda: "ok"):
+        self.jwks = jwks
         self.is_ready = is_ready
+        self.store_state = store_state
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -37,14 +39,16 @@ class SideApp:
             return self._send(start_response, "405 Method Not Allowed", b'{"error":"method_not_allowed"}\n',
                               extra=[("Allow", "GET, HEAD")])
         if path == JWKS_PATH:
-            return self._send(start_response, "200 OK", self.keys.jwks(), content_type="application/jwk-set+json",
+            return self._send(start_response, "200 OK", self.jwks(), content_type="application/jwk-set+json",
                               extra=[("Cache-Control", f"public, max-age={JWKS_MAX_AGE}")])
         if path == "/healthz":
             return self._send(start_response, "200 OK", b'{"status":"ok"}\n')
         if path == "/readyz":
+            store = self.store_state()
             if self.is_ready():
-                return self._send(start_response, "200 OK", b'{"status":"ready"}\n')
-            return self._send(start_response, "503 Service Unavailable", b'{"status":"not_ready"}\n')
+                return self._send(start_response, "200 OK", f'{{"status":"ready","store":"{store}"}}\n'.encode())
+            return self._send(start_response, "503 Service Unavailable",
+                              f'{{"status":"not_ready","store":"{store}"}}\n'.encode())
         return self._send(start_response, "404 Not Found", b'{"error":"not_found"}\n')
 
     @staticmethod

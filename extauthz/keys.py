@@ -132,7 +132,13 @@ class KeyRing:
         now = self.clock()
         self._retired = [(key, until) for key, until in self._retired if until > now]
         keys = [self._current] + ([self._next] if self._next else []) + [key for key, _ in self._retired]
-        return json.dumps({"keys": [key.public_jwk for key in keys]}, separators=(",", ":")).encode()
+        self._public_keys = [key.public_jwk for key in keys]
+        return json.dumps({"keys": self._public_keys}, separators=(",", ":")).encode()
+
+    def public_keys(self) -> list[dict[str, Any]]:
+        """Return the public JWKs this replica publishes: current, next and still-valid retired keys."""
+        self.jwks()
+        return list(self._public_keys)
 
     def jwks(self) -> bytes:
         """Return the JWKS document: current, next and still-valid retired keys."""

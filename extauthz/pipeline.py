@@ -6,9 +6,13 @@ Steps, each of which may end the pipeline with a deny:
 2. read the bearer token and verify it when present (401 on a bad token, 400 on a bad header);
 3. find the policies that match (403 when none does);
 4. merge their requirements (403 when they conflict);
-5. demand an end-user token where required (401) and a fresh, strong login on sensitive routes
-   (401 with the RFC 9470 challenge);
-6. mint the per-request token and allow.
+5. demand an end-user token where required (401), reject revoked tokens (401), and demand a fresh,
+   strong login on sensitive routes (401 with the RFC 9470 challenge);
+6. claim a one-time token (401 on a replay);
+7. mint the per-request token and allow.
+
+A step that needs the shared store and cannot reach it denies with 503 `state_unavailable`, except
+that a route that is neither sensitive nor one-time follows `store.on_error`.
 """
 
 from __future__ import annotations
@@ -23,20 +27,27 @@ from envoy.service.auth.v3 import external_auth_pb2
 from extauthz.decision import Decision
 from extauthz.decision_log import DecisionLog
 from extauthz.errors import DenyError, TokenError
-from extauthz.identity import TokenVerifier, extract_bearer
+from extauthz.identity import EndUser, TokenVerifier, extract_bearer
 from extauthz.mint import TokenMinter
-from extauthz.policy import PolicySet, combine_requirements
+from extauthz.policy import PolicySet, Requirements, combine_requirements
 from extauthz.reauth import check_authentication
+from extauthz.replay import ReplayGuard
 from extauthz.request import from_check_request, read_peer
+from extauthz.revocation import RevocationList
+from extauthz.store import StoreError
 
 log = logging.getLogger(__name__)
 
 
 class Authorizer:
     def __init__(self, *, verifier: TokenVerifier, policies: PolicySet, minter: TokenMinter,
-                 decision_log: DecisionLog, max_token_bytes: int, max_path_bytes: int,
+                 decision_log: DecisionLog, revocations: RevocationList, replay: ReplayGuard,
+                 on_store_error: str, max_token_bytes: int, max_path_bytes: int,
                  clock: Callable[[], float] = time.time):
         self.verifier = verifier
+        self.revocations = revocations
+        self.replay = replay
+        self.on_store_error = on_store_error
         self.policies = policies
         self.minter = minter
         self.decision_log = decision_log
@@ -78,7 +89,26 @@ class Authorizer:
 
         if requirements.require_user and user is None:
             raise TokenError("missing_token")
+        now = self.clock()
         if user is not None:
-            check_authentication(user, requirements, self.clock())
+            self._check_revocation(user, requirements, decision)
+            check_authentication(user, requirements, now)
+
+        if requirements.one_time_token:
+            assert user is not None
+            leeway = self.verifier.issuers[user.issuer].config.leeway
+            try:
+                decision.retry = self.replay.claim(user, request, now, leeway)
+            except StoreError as exc:
+                raise DenyError("state_unavailable", "one-time token claim failed") from exc
 
         decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
+
+    def _check_revocation(self, user: EndUser, requirements: Requirements, decision: Decision) -> None:
+        try:
+            self.revocations.check(user)
+        except StoreError as exc:
+            if requirements.sensitive or requirements.one_time_token or self.on_store_error == "deny":
+                raise DenyError("state_unavailable", "revocation state is stale") from exc
+            # store.on_error: allow_standard. Every check that needs no store still applies.
+            decision.degraded = True

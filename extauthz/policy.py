@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 ANNOTATION_PREFIX = "extauthz.io/"
-ANNOTATIONS = ("reauth-max-age", "acr-values", "require-user", "token-audience", "token-scope", "token-ttl")
+ANNOTATIONS = ("reauth-max-age", "acr-values", "require-user", "token-audience", "token-scope", "token-ttl",
+               "one-time-token")
 
 _SOURCE_FIELDS = {
     "principals": "principal", "notPrincipals": "principal",
@@ -141,6 +142,7 @@ class Requirements:
     token_audience: str | None = None
     token_scope: frozenset[str] | None = None
     token_ttl: float | None = None
+    one_time_token: bool = False
 
     @property
     def sensitive(self) -> bool:
@@ -356,10 +358,15 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
                                "list one or more space-separated acr values")
         acr_values = (values,)
 
-    require_user = settings.get("require-user", "false").lower()
-    if require_user not in ("true", "false"):
-        raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}require-user]",
-                           f"invalid value {require_user!r}", 'use "true" or "false"')
+    def boolean(short: str) -> bool:
+        value = settings.get(short, "false").lower()
+        if value not in ("true", "false"):
+            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]",
+                               f"invalid value {value!r}", 'use "true" or "false"')
+        return value == "true"
+
+    require_user = boolean("require-user")
+    one_time_token = boolean("one-time-token")
 
     token_ttl = duration("token-ttl")
     if token_ttl is not None and token_ttl > token_ttl_cap:
@@ -381,9 +388,11 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
         token_audience=audience,
         token_scope=frozenset(scope.split()) if scope is not None else None,
         token_ttl=token_ttl,
+        one_time_token=one_time_token,
     )
-    # A sensitive route implies an end-user token.
-    return dataclasses.replace(requirements, require_user=require_user == "true" or requirements.sensitive)
+    # A sensitive or one-time-token route implies an end-user token.
+    return dataclasses.replace(requirements,
+                               require_user=require_user or one_time_token or requirements.sensitive)
 
 
 def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl_cap: float) -> Policy | None:
@@ -586,9 +595,11 @@ def combine_requirements(policies: Iterable[Policy]) -> Requirements:
     audiences: set[str] = set()
     scope: frozenset[str] | None = None
     ttl: float | None = None
+    one_time_token = False
     for policy in policies:
         wanted = policy.requirements
         require_user = require_user or wanted.require_user
+        one_time_token = one_time_token or wanted.one_time_token
         if wanted.reauth_max_age is not None:
             max_age = wanted.reauth_max_age if max_age is None else min(max_age, wanted.reauth_max_age)
         acr_values.extend(values for values in wanted.acr_values if values not in acr_values)
@@ -610,4 +621,5 @@ def combine_requirements(policies: Iterable[Policy]) -> Requirements:
         token_audience=next(iter(audiences), None),
         token_scope=scope,
         token_ttl=ttl,
+        one_time_token=one_time_token,
     )

@@ -1,9 +1,10 @@
 """The running service: builds every part from a validated Config, serves gRPC and HTTP, drains.
 
 The gRPC server is grpcio's synchronous server on a thread pool. On this project's 2-core test machine
-an allow-all sync server answered about 1.6 times the Checks per second of an allow-all grpc.aio
-server (see docs/benchmarks.md). Health (grpc.health.v1) reports SERVING only once the signing keys,
-every issuer's key set and the policies are loaded, and NOT_SERVING from the moment draining starts.
+an allow-all sync server answered about 1.5 times the Checks per second of an allow-all grpc.aio
+server (docs/benchmarks.md, scenario floor-aio). Health (grpc.health.v1) reports SERVING only once the
+signing keys, every issuer's key set and the policies are loaded, and NOT_SERVING from the moment
+draining starts.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from extauthz.errors import ConfigError, JWKSError
 from extauthz.http_listener import SideApp, SideListener
 from extauthz.identity import TokenVerifier
 from extauthz.jwks import IssuerKeys
+from extauthz.key_sharing import KeyDirectory
 from extauthz.keys import KeyRing
 from extauthz.mint import TokenMinter
 from extauthz.pipeline import Authorizer
 from extauthz.policy import PolicySet, load_policies
+from extauthz.replay import ReplayGuard
+from extauthz.revocation import RevocationList
 from extauthz.servicer import AuthorizationServicer
+from extauthz.store import KeyNames, Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,12 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
 def build_authorizer(config: Config, decision_log: DecisionLog,
-                     issuer_keys: dict[str, IssuerKeys] | None = None) -> tuple[Authorizer, KeyRing]:
-    """Load policies, issuers' key sets and signing keys; raise ConfigError or JWKSError if any fails."""
+                     issuer_keys: dict[str, IssuerKeys] | None = None,
+                     store: Store | None = None) -> tuple[Authorizer, KeyRing]:
+    """Load policies, issuers' key sets and signing keys, and open the store.
+
+    Raises ConfigError, JWKSError or StoreError when one of them cannot be set up.
+    """
     policies = PolicySet(load_policies(config.policies.paths, config.policies.provider, config.token.ttl),
                          config.policies.root_namespace)
     if not len(policies):
@@ -48,12 +57,17 @@ def build_authorizer(config: Config, decision_log: DecisionLog,
         for keys in issuer_keys.values():
             keys.load()
 
+    if store is None:
+        store = open_store(config.store)
     key_ring = KeyRing(config.token.signing, config.token.ttl)
     authorizer = Authorizer(
         verifier=TokenVerifier(issuer_keys, config.limits.token_cache_size),
         policies=policies,
         minter=TokenMinter(config.token, key_ring, time.time),
         decision_log=decision_log,
+        revocations=RevocationList(store, config.store.max_staleness),
+        replay=ReplayGuard(store, KeyNames(config.store.key_prefix)),
+        on_store_error=config.store.on_error,
         max_token_bytes=config.limits.max_token_bytes,
         max_path_bytes=config.limits.max_path_bytes,
     )
@@ -73,7 +87,13 @@ class Service:
             except JWKSError as exc:
                 if keys.config.jwks_file is not None:
                     raise ConfigError(str(config.source), "issuers", str(exc)) from exc
-        self.authorizer, self.key_ring = build_authorizer(config, self.decision_log, self.issuer_keys)
+        try:
+            self.store = open_store(config.store)
+        except StoreError as exc:
+            raise ConfigError(str(config.source), "store", str(exc)) from exc
+        self.authorizer, self.key_ring = build_authorizer(config, self.decision_log, self.issuer_keys, self.store)
+        self.revocations = self.authorizer.revocations
+        self.key_directory = KeyDirectory(self.store, self.key_ring)
         self.draining = False
 
         self.health = health.HealthServicer()
@@ -93,7 +113,8 @@ class Service:
             raise ConfigError(str(config.source), "listen.grpc", f"cannot listen on {config.listen.grpc}",
                               "stop whatever uses that port or choose another") from exc
         try:
-            self.http = SideListener(config.listen.http, SideApp(self.key_ring, self.is_ready))
+            self.http = SideListener(config.listen.http,
+                                     SideApp(self.key_directory.jwks, self.is_ready, self.store_state))
         except OSError as exc:
             self.grpc_server.stop(None)
             raise ConfigError(str(config.source), "listen.http", f"cannot listen on {config.listen.http}: "
@@ -103,6 +124,10 @@ class Service:
 
     def is_ready(self) -> bool:
         return not self.draining and all(keys.loaded for keys in self.issuer_keys.values())
+
+    def store_state(self) -> str:
+        """Return `ok` while the revocation copy is fresh, else `unavailable`."""
+        return "ok" if self.revocations.fresh else "unavailable"
 
     def _set_health(self, status: int) -> None:
         for service in ("", AUTHORIZATION_SERVICE):
@@ -119,11 +144,15 @@ class Service:
     def start(self) -> None:
         for keys in self.issuer_keys.values():
             keys.start()
+        self.revocations.sync()
+        self.revocations.start()
+        self.key_directory.start()
         self.grpc_server.start()
         self.http.start()
         log.info("listening", extra={"grpc": f"{self.config.listen.grpc.host}:{self.grpc_port}",
                                      "http": f"{self.config.listen.http.host}:{self.http_port}",
-                                     "policies": len(self.authorizer.policies)})
+                                     "policies": len(self.authorizer.policies), "store": self.store.name,
+                                     "replica_id": self.key_directory.replica_id})
         self._ready_watch.start()
 
     def stop(self, grace: float | None = None) -> None:
@@ -144,5 +173,8 @@ class Service:
         self.http.stop()
         for keys in self.issuer_keys.values():
             keys.stop()
+        self.revocations.stop()
+        self.key_directory.stop()
+        self.store.close()
         self.decision_log.close()
         log.info("stopped")

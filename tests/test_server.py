@@ -89,7 +89,7 @@ def test_health_serving(server):
 def test_readyz_ok(server):
     status, _, body = http_get(server.http_port, "/readyz")
     assert status == 200
-    assert json.loads(body) == {"status": "ready"}
+    assert json.loads(body) == {"status": "ready", "store": "ok"}
 
 
 def test_ready_log_ports(server):
