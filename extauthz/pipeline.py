@@ -48,6 +48,8 @@ class Authorizer:
         self.revocations = revocations
         self.replay = replay
         self.on_store_error = on_store_error
+        self.store_errors = 0
+        self._last_store_error_log = 0.0
         self.policies = policies
         self.minter = minter
         self.decision_log = decision_log
@@ -100,9 +102,18 @@ class Authorizer:
             try:
                 decision.retry = self.replay.claim(user, request, now, leeway)
             except StoreError as exc:
+                self._log_store_error("one-time token claim failed", exc, decision)
                 raise DenyError("state_unavailable", "one-time token claim failed") from exc
 
         decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
+
+    def _log_store_error(self, message: str, error: StoreError, decision: Decision) -> None:
+        self.store_errors += 1
+        now = time.monotonic()
+        if now - self._last_store_error_log > 10:
+            self._last_store_error_log = now
+            log.error(message, extra={"error": str(error), "failures": self.store_errors,
+                                      "decision_id": decision.decision_id})
 
     def _check_revocation(self, user: EndUser, requirements: Requirements, decision: Decision) -> None:
         try:
