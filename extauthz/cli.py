@@ -36,8 +36,13 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("signal received", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
+    def request_reload(signum: int, _frame: object) -> None:
+        log.info("signal received; reloading", extra={"signal": signal.Signals(signum).name})
+        service.request_reload()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     service.start()
     stop.wait()
     service.stop()

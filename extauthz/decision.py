@@ -28,7 +28,13 @@ class Decision:
     degraded: bool = False
     # The Check repeated an earlier one whose one-time token claim it shares (an Envoy retry).
     retry: bool = False
+    # The deny that dry-run policies would have caused; the request was decided without it.
+    would_deny: DenyError | None = None
     duration: float = 0.0
+
+    @property
+    def outcome(self) -> str:
+        return "allow" if self.allowed else "deny"
 
     @property
     def status(self) -> int:

@@ -18,6 +18,7 @@ import orjson
 
 from extauthz.config import DecisionLogConfig
 from extauthz.decision import Decision
+from extauthz.errors import REASONS
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ def build_record(decision: Decision) -> dict[str, Any]:
         record["token_exp"] = minted.expires_at
         record["token_kid"] = minted.kid
 
+    if decision.would_deny is not None:
+        record["would_deny_reason"] = decision.would_deny.code
+        record["would_deny_status"] = REASONS[decision.would_deny.code].status
     if decision.degraded:
         record["degraded"] = True
     if decision.retry:

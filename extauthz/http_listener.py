@@ -1,6 +1,7 @@
 """The HTTP side listener: the JWKS of minted tokens, liveness and readiness.
 
     GET /.well-known/jwks.json   public keys that verify minted tokens
+    GET /metrics                 Prometheus text format (see extauthz.metrics)
     GET /healthz                 200 while the process runs
     GET /readyz                  200 once keys, issuers' key sets and policies are loaded, else 503;
                                  the body also names the shared store's state (`ok` or `unavailable`)
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable
 from waitress.server import create_server
 
 from extauthz.config import Address
+from extauthz.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,11 @@ class SideApp:
     """A WSGI application serving the side listener's paths."""
 
     def __init__(self, jwks: Callable[[], bytes], is_ready: Callable[[], bool],
-                 store_state: Callable[[], str] = lambda: "ok"):
+                 store_state: Callable[[], str] = lambda: "ok", metrics: Callable[[], bytes] | None = None):
         self.jwks = jwks
         self.is_ready = is_ready
         self.store_state = store_state
+        self.metrics = metrics
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -41,6 +44,8 @@ class SideApp:
         if path == JWKS_PATH:
             return self._send(start_response, "200 OK", self.jwks(), content_type="application/jwk-set+json",
                               extra=[("Cache-Control", f"public, max-age={JWKS_MAX_AGE}")])
+        if path == "/metrics" and self.metrics is not None:
+            return self._send(start_response, "200 OK", self.metrics(), content_type=CONTENT_TYPE)
         if path == "/healthz":
             return self._send(start_response, "200 OK", b'{"status":"ok"}\n')
         if path == "/readyz":

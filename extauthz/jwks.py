@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jwt
@@ -100,8 +101,10 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
 class IssuerKeys:
     """The current key set of one issuer, thread-safe to read."""
 
-    def __init__(self, config: IssuerConfig):
+    def __init__(self, config: IssuerConfig, on_fetch: Callable[[str], None] | None = None):
         self.config = config
+        # Called with "success" or "failure" after every fetch over HTTPS (for metrics).
+        self.on_fetch = on_fetch or (lambda result: None)
         self._keys: KeySet | None = None
         self._lock = threading.Lock()
         self._last_fetch = 0.0
@@ -156,8 +159,10 @@ class IssuerKeys:
             except JWKSError as exc:
                 log.error("JWKS refresh failed; keeping the last good key set",
                           extra={"issuer": self.config.issuer, "error": str(exc)})
+                self.on_fetch("failure")
                 return False
             self._keys = keys
+        self.on_fetch("success")
         log.info("JWKS fetched", extra={"issuer": self.config.issuer, "keys": len(keys.keys)})
         return True
 

@@ -13,6 +13,13 @@ Steps, each of which may end the pipeline with a deny:
 
 A step that needs the shared store and cannot reach it denies with 503 `state_unavailable`, except
 that a route that is neither sensitive nor one-time follows `store.on_error`.
+
+Policies annotated `extauthz.io/mode: dry-run` are evaluated as if enforced, and a deny they would
+cause is recorded as `would_deny` instead: the request is then decided by the enforced policies
+alone, or allowed when every matching policy is in dry-run.
+
+The policies and the issuers' key sets form one Snapshot, replaced whole on reload. A Check reads
+the snapshot once, so it finishes on the snapshot it started with.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from envoy.service.auth.v3 import external_auth_pb2
 
@@ -28,41 +36,64 @@ from extauthz.decision import Decision
 from extauthz.decision_log import DecisionLog
 from extauthz.errors import DenyError, TokenError
 from extauthz.identity import EndUser, TokenVerifier, extract_bearer
+from extauthz.metrics import Metrics
 from extauthz.mint import TokenMinter
-from extauthz.policy import PolicySet, Requirements, combine_requirements
+from extauthz.policy import Policy, PolicySet, Requirements, combine_requirements
 from extauthz.reauth import check_authentication
 from extauthz.replay import ReplayGuard
-from extauthz.request import from_check_request, read_peer
+from extauthz.request import HttpRequest, from_check_request, read_peer
 from extauthz.revocation import RevocationList
 from extauthz.store import StoreError
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a reload replaces: the policies and the verifier of end-user tokens."""
+
+    policies: PolicySet
+    verifier: TokenVerifier
+    generation: int = 1
+
+
 class Authorizer:
     def __init__(self, *, verifier: TokenVerifier, policies: PolicySet, minter: TokenMinter,
                  decision_log: DecisionLog, revocations: RevocationList, replay: ReplayGuard,
                  on_store_error: str, max_token_bytes: int, max_path_bytes: int,
-                 clock: Callable[[], float] = time.time):
-        self.verifier = verifier
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time):
+        self.snapshot = Snapshot(policies, verifier)
         self.revocations = revocations
         self.replay = replay
         self.on_store_error = on_store_error
-        self.store_errors = 0
-        self._last_store_error_log = 0.0
-        self.policies = policies
         self.minter = minter
         self.decision_log = decision_log
         self.max_token_bytes = max_token_bytes
         self.max_path_bytes = max_path_bytes
+        self.metrics = metrics or Metrics()
         self.clock = clock
+        self.store_errors = 0
+        self._last_store_error_log = 0.0
+
+    @property
+    def policies(self) -> PolicySet:
+        return self.snapshot.policies
+
+    @property
+    def verifier(self) -> TokenVerifier:
+        return self.snapshot.verifier
+
+    def replace_snapshot(self, policies: PolicySet, verifier: TokenVerifier) -> Snapshot:
+        """Swap in new policies and issuers at once; Checks already running keep the old ones."""
+        self.snapshot = Snapshot(policies, verifier, self.snapshot.generation + 1)
+        return self.snapshot
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> Decision:
         """Decide one CheckRequest. Never raises: an unexpected error is a logged 500 deny."""
         started = time.perf_counter()
         decision = Decision(decision_id=str(uuid.uuid4()), started_at=self.clock())
         try:
-            self._decide(check_request, decision)
+            self._decide(check_request, decision, self.snapshot)
         except DenyError as exc:
             decision.deny(exc)
         except Exception as exc:  # noqa: BLE001 - a bug must become a deny, never an allow or a crash
@@ -71,22 +102,43 @@ class Authorizer:
         finally:
             decision.duration = time.perf_counter() - started
             self.decision_log.write(decision)
+            self.metrics.record_check(decision.outcome, decision.reason, decision.duration,
+                                      decision.minted is not None, decision.would_deny)
         return decision
 
-    def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision) -> None:
+    def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision, snapshot: Snapshot) -> None:
         decision.peer = read_peer(check_request)
         request = from_check_request(check_request, self.max_path_bytes, decision.peer)
         decision.request = request
 
         token = extract_bearer(request.headers.get("authorization"), self.max_token_bytes)
-        user = self.verifier.verify(token) if token is not None else None
+        user = snapshot.verifier.verify(token) if token is not None else None
         decision.user = user
 
-        policies = self.policies.match(request, user)
+        policies = snapshot.policies.match(request, user)
         if not policies:
             raise DenyError("no_matching_policy")
         decision.policies = [policy.key for policy in policies]
 
+        enforced = [policy for policy in policies if not policy.dry_run]
+        if len(enforced) == len(policies):
+            self._enforce(policies, request, user, decision, snapshot)
+            return
+
+        try:
+            self._enforce(policies, request, user, decision, snapshot)
+            return
+        except DenyError as would:
+            decision.would_deny = would
+        decision.degraded = decision.retry = False
+        if enforced:
+            self._enforce(enforced, request, user, decision, snapshot)
+            return
+        decision.allow(self.minter.mint(decision.decision_id, request, user, _token_settings(policies)))
+
+    def _enforce(self, policies: Sequence[Policy], request: HttpRequest, user: EndUser | None,
+                 decision: Decision, snapshot: Snapshot) -> None:
+        """Apply the requirements of `policies` to the request: mint and allow, or raise DenyError."""
         requirements = combine_requirements(policies)
 
         if requirements.require_user and user is None:
@@ -98,17 +150,18 @@ class Authorizer:
 
         if requirements.one_time_token:
             assert user is not None
-            leeway = self.verifier.issuers[user.issuer].config.leeway
+            leeway = snapshot.verifier.issuers[user.issuer].config.leeway
             try:
                 decision.retry = self.replay.claim(user, request, now, leeway)
             except StoreError as exc:
-                self._log_store_error("one-time token claim failed", exc, decision)
+                self._log_store_error("claim", "one-time token claim failed", exc, decision)
                 raise DenyError("state_unavailable", "one-time token claim failed") from exc
 
         decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
 
-    def _log_store_error(self, message: str, error: StoreError, decision: Decision) -> None:
+    def _log_store_error(self, operation: str, message: str, error: StoreError, decision: Decision) -> None:
         self.store_errors += 1
+        self.metrics.store_errors.labels(operation).inc()
         now = time.monotonic()
         if now - self._last_store_error_log > 10:
             self._last_store_error_log = now
@@ -123,3 +176,11 @@ class Authorizer:
                 raise DenyError("state_unavailable", "revocation state is stale") from exc
             # store.on_error: allow_standard. Every check that needs no store still applies.
             decision.degraded = True
+
+
+def _token_settings(policies: Sequence[Policy]) -> Requirements:
+    """Return the token settings of dry-run policies, or the defaults when they conflict."""
+    try:
+        return combine_requirements(policies)
+    except DenyError:
+        return Requirements()

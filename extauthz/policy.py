@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 ANNOTATION_PREFIX = "extauthz.io/"
 ANNOTATIONS = ("reauth-max-age", "acr-values", "require-user", "token-audience", "token-scope", "token-ttl",
-               "one-time-token")
+               "one-time-token", "mode")
 
 _SOURCE_FIELDS = {
     "principals": "principal", "notPrincipals": "principal",
@@ -183,6 +183,8 @@ class Policy:
     origin: str
     rules: tuple[Rule, ...]
     requirements: Requirements
+    # extauthz.io/mode: dry-run. The policy's denies are recorded as would_deny and not enforced.
+    dry_run: bool = False
 
     @property
     def key(self) -> str:
@@ -425,15 +427,28 @@ def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl
 
     rules = tuple(_rule(reader, item, f"spec.rules[{index}]")
                   for index, item in enumerate(_list(reader, spec.get("rules"), "spec.rules")))
-    requirements = _requirements(reader, reader.mapping(metadata.get("annotations"), "metadata.annotations"),
-                                 token_ttl_cap)
-    return Policy(name=name, namespace=namespace, origin=origin, rules=rules, requirements=requirements)
+    annotations = reader.mapping(metadata.get("annotations"), "metadata.annotations")
+    requirements = _requirements(reader, annotations, token_ttl_cap)
+    mode = annotations.get(ANNOTATION_PREFIX + "mode", "enforce")
+    if mode not in ("enforce", "dry-run"):
+        raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}mode]", f"invalid value {mode!r}",
+                           'use "enforce" or "dry-run"')
+    return Policy(name=name, namespace=namespace, origin=origin, rules=rules, requirements=requirements,
+                  dry_run=mode == "dry-run")
 
 
-def _policy_files(paths: Iterable[Path]) -> Iterator[Path]:
+def policy_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Yield the policy files named by `paths`: files as given, and the YAML files inside folders.
+
+    Hidden entries are skipped: a Kubernetes ConfigMap volume keeps every file twice, once visible and
+    once under hidden `..data` and `..TIMESTAMP` folders.
+    """
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+            yield from sorted(
+                candidate for candidate in path.rglob("*")
+                if candidate.suffix in (".yaml", ".yml") and candidate.is_file()
+                and not any(part.startswith(".") for part in candidate.relative_to(path).parts))
         else:
             yield path
 
@@ -442,7 +457,7 @@ def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float) ->
     """Load every CUSTOM policy for `provider` from files and folders; raise ConfigError on any error."""
     policies: list[Policy] = []
     seen: dict[str, str] = {}
-    for path in _policy_files(paths):
+    for path in policy_files(paths):
         try:
             documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
         except OSError as exc:

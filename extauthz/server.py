@@ -9,7 +9,9 @@ draining starts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import threading
 import time
 from concurrent import futures
@@ -18,7 +20,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extauthz.config import Config
+from extauthz.config import Config, load_config
 from extauthz.decision_log import DecisionLog
 from extauthz.errors import ConfigError, JWKSError
 from extauthz.http_listener import SideApp, SideListener
@@ -26,9 +28,10 @@ from extauthz.identity import TokenVerifier
 from extauthz.jwks import IssuerKeys
 from extauthz.key_sharing import KeyDirectory
 from extauthz.keys import KeyRing
+from extauthz.metrics import Metrics
 from extauthz.mint import TokenMinter
 from extauthz.pipeline import Authorizer
-from extauthz.policy import PolicySet, load_policies
+from extauthz.policy import PolicySet, load_policies, policy_files
 from extauthz.replay import ReplayGuard
 from extauthz.revocation import RevocationList
 from extauthz.servicer import AuthorizationServicer
@@ -37,20 +40,29 @@ from extauthz.store import KeyNames, Store, StoreError, open_store
 log = logging.getLogger(__name__)
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+# How often the config and policy files are checked for changes, in seconds.
+RELOAD_POLL_INTERVAL = 1.0
+# Configuration sections that a reload does not apply.
+RESTART_SECTIONS = ("listen", "token", "decision_log", "limits", "server", "store")
 
 
-def build_authorizer(config: Config, decision_log: DecisionLog,
-                     issuer_keys: dict[str, IssuerKeys] | None = None,
-                     store: Store | None = None) -> tuple[Authorizer, KeyRing]:
-    """Load policies, issuers' key sets and signing keys, and open the store.
-
-    Raises ConfigError, JWKSError or StoreError when one of them cannot be set up.
-    """
+def load_policy_set(config: Config) -> PolicySet:
     policies = PolicySet(load_policies(config.policies.paths, config.policies.provider, config.token.ttl),
                          config.policies.root_namespace)
     if not len(policies):
         log.warning("no CUSTOM policy for this provider was found: every request will be denied",
                     extra={"provider": config.policies.provider})
+    return policies
+
+
+def build_authorizer(config: Config, decision_log: DecisionLog,
+                     issuer_keys: dict[str, IssuerKeys] | None = None,
+                     store: Store | None = None, metrics: Metrics | None = None) -> tuple[Authorizer, KeyRing]:
+    """Load policies, issuers' key sets and signing keys, and open the store.
+
+    Raises ConfigError, JWKSError or StoreError when one of them cannot be set up.
+    """
+    policies = load_policy_set(config)
 
     if issuer_keys is None:
         issuer_keys = {issuer.issuer: IssuerKeys(issuer) for issuer in config.issuers}
@@ -70,6 +82,7 @@ def build_authorizer(config: Config, decision_log: DecisionLog,
         on_store_error=config.store.on_error,
         max_token_bytes=config.limits.max_token_bytes,
         max_path_bytes=config.limits.max_path_bytes,
+        metrics=metrics,
     )
     return authorizer, key_ring
 
@@ -79,19 +92,15 @@ class Service:
 
     def __init__(self, config: Config, decision_log: DecisionLog | None = None):
         self.config = config
+        self.metrics = Metrics()
         self.decision_log = decision_log or DecisionLog(config.decision_log)
-        self.issuer_keys = {issuer.issuer: IssuerKeys(issuer) for issuer in config.issuers}
-        for keys in self.issuer_keys.values():
-            try:
-                keys.load()
-            except JWKSError as exc:
-                if keys.config.jwks_file is not None:
-                    raise ConfigError(str(config.source), "issuers", str(exc)) from exc
+        self.issuer_keys = self._load_issuers(config, {}, fetch_must_succeed=False)
         try:
             self.store = open_store(config.store)
         except StoreError as exc:
             raise ConfigError(str(config.source), "store", str(exc)) from exc
-        self.authorizer, self.key_ring = build_authorizer(config, self.decision_log, self.issuer_keys, self.store)
+        self.authorizer, self.key_ring = build_authorizer(config, self.decision_log, self.issuer_keys, self.store,
+                                                          self.metrics)
         self.revocations = self.authorizer.revocations
         self.key_directory = KeyDirectory(self.store, self.key_ring)
         self.draining = False
@@ -114,13 +123,117 @@ class Service:
                               "stop whatever uses that port or choose another") from exc
         try:
             self.http = SideListener(config.listen.http,
-                                     SideApp(self.key_directory.jwks, self.is_ready, self.store_state))
+                                     SideApp(self.key_directory.jwks, self.is_ready, self.store_state,
+                                             self.metrics.render))
         except OSError as exc:
             self.grpc_server.stop(None)
             raise ConfigError(str(config.source), "listen.http", f"cannot listen on {config.listen.http}: "
                               f"{exc.strerror}", "stop whatever uses that port or choose another") from exc
         self.http_port = self.http.port
         self._ready_watch = threading.Thread(target=self._watch_readiness, name="readiness", daemon=True)
+        self._reload_requested = threading.Event()
+        self._stopping = threading.Event()
+        self._files = self._file_fingerprint(config)
+        self._reload_lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch_files, name="reload-watch", daemon=True)
+
+    def _load_issuers(self, config: Config, current: dict[str, IssuerKeys],
+                      fetch_must_succeed: bool) -> dict[str, IssuerKeys]:
+        """Return loaded key sets for the configured issuers, reusing those whose settings did not change.
+
+        A jwks_file must parse. A jwks_uri that cannot be fetched is retried in the background at
+        start-up, but makes a reload fail.
+        """
+        issuers: dict[str, IssuerKeys] = {}
+        for issuer in config.issuers:
+            existing = current.get(issuer.issuer)
+            if existing is not None and existing.config == issuer:
+                issuers[issuer.issuer] = existing
+                continue
+            keys = IssuerKeys(issuer, on_fetch=lambda result: self.metrics.jwks_fetches.labels(result).inc())
+            try:
+                keys.load()
+            except JWKSError as exc:
+                raise ConfigError(str(config.source), "issuers", str(exc)) from exc
+            if fetch_must_succeed and not keys.loaded:
+                raise ConfigError(str(config.source), "issuers", f"cannot fetch the JWKS of {issuer.issuer}",
+                                  "check jwks_uri and that the issuer is reachable")
+            issuers[issuer.issuer] = keys
+        return issuers
+
+    @staticmethod
+    def _file_fingerprint(config: Config) -> tuple:
+        """Return what identifies the current content of the config and policy files.
+
+        Files are resolved through symlinks, so the symlink swap that Kubernetes uses to update a
+        mounted ConfigMap counts as a change.
+        """
+        entries = []
+        for path in [config.source, *policy_files(config.policies.paths)]:
+            try:
+                real = os.path.realpath(path)
+                stat = os.stat(real)
+                entries.append((str(path), real, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+            except OSError:
+                entries.append((str(path), None, None, None, None))
+        return tuple(entries)
+
+    def request_reload(self) -> None:
+        """Ask the watcher thread to reload now (SIGHUP does this)."""
+        self._reload_requested.set()
+
+    def _watch_files(self) -> None:
+        while not self._stopping.is_set():
+            requested = self._reload_requested.wait(timeout=RELOAD_POLL_INTERVAL)
+            self._reload_requested.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                fingerprint = self._file_fingerprint(self.config)
+            except (ConfigError, OSError) as exc:
+                log.error("cannot read the policy files", extra={"error": str(exc)})
+                continue
+            if requested or fingerprint != self._files:
+                self._files = fingerprint
+                self.reload()
+
+    def reload(self) -> bool:
+        """Validate the configuration and policies again and swap them in whole.
+
+        On any error the previous snapshot keeps serving; the error is logged and counted. Only
+        `issuers` and `policies` change without a restart: a change to any other section is logged.
+        """
+        with self._reload_lock:
+            try:
+                config = load_config(self.config.source)
+                policies = load_policy_set(config)
+                issuer_keys = self._load_issuers(config, self.issuer_keys, fetch_must_succeed=True)
+            except (ConfigError, JWKSError) as exc:
+                self.metrics.policy_reloads.labels("failure").inc()
+                log.error("reload rejected; the previous configuration keeps serving", extra={"error": str(exc)})
+                return False
+
+            restart_needed = [name for name in RESTART_SECTIONS if getattr(config, name) != getattr(self.config, name)]
+            if restart_needed:
+                log.warning("configuration sections changed that apply only after a restart",
+                            extra={"sections": restart_needed})
+            if issuer_keys == self.issuer_keys:
+                verifier = self.authorizer.verifier
+            else:
+                verifier = TokenVerifier(issuer_keys, self.config.limits.token_cache_size)
+            snapshot = self.authorizer.replace_snapshot(policies, verifier)
+
+            for name, keys in self.issuer_keys.items():
+                if issuer_keys.get(name) is not keys:
+                    keys.stop()
+            for keys in issuer_keys.values():
+                keys.start()
+            self.issuer_keys = issuer_keys
+            self.config = dataclasses.replace(self.config, issuers=config.issuers, policies=config.policies)
+            self.metrics.policy_reloads.labels("success").inc()
+            log.info("reloaded", extra={"generation": snapshot.generation, "policies": len(policies),
+                                        "issuers": len(issuer_keys)})
+            return True
 
     def is_ready(self) -> bool:
         return not self.draining and all(keys.loaded for keys in self.issuer_keys.values())
@@ -148,6 +261,7 @@ class Service:
         self.revocations.start()
         self.key_directory.start()
         self.grpc_server.start()
+        self._watcher.start()
         self.http.start()
         log.info("listening", extra={"grpc": f"{self.config.listen.grpc.host}:{self.grpc_port}",
                                      "http": f"{self.config.listen.http.host}:{self.http_port}",
@@ -164,6 +278,8 @@ class Service:
         """
         grace = self.config.server.drain_timeout if grace is None else grace
         self.draining = True
+        self._stopping.set()
+        self._reload_requested.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.server.shutdown_delay:
             log.info("shutting down after a delay", extra={"delay_s": self.config.server.shutdown_delay})
