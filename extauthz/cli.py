@@ -114,6 +114,108 @@ def _revocations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_check(args: argparse.Namespace) -> int:
+    import json
+
+    from extauthz.config import load_config
+    from extauthz.policy_check import ERROR, INFO, WARNING, UnusableInput, check_policies
+
+    provider, cap, root = args.provider, 30.0, "istio-system"
+    try:
+        if args.config:
+            config = load_config(args.config)
+            provider, cap, root = config.policies.provider, config.token.ttl, config.policies.root_namespace
+        problems = check_policies([Path(path) for path in args.paths], provider or "extauthz", cap, root)
+    except (ConfigError, UnusableInput) as exc:
+        print(f"extauthz policy check: {exc}", file=sys.stderr)
+        return 2
+
+    failing = [problem for problem in problems if problem.severity in (ERROR, WARNING)]
+    if args.format == "json":
+        print(json.dumps({"problems": [problem.as_dict() for problem in problems],
+                          "errors": sum(problem.severity == ERROR for problem in problems),
+                          "warnings": sum(problem.severity == WARNING for problem in problems)}, indent=2))
+    else:
+        for problem in problems:
+            print(problem.render())
+        counts = {severity: sum(problem.severity == severity for problem in problems)
+                  for severity in (ERROR, WARNING, INFO)}
+        print(f"{counts[ERROR]} errors, {counts[WARNING]} warnings, {counts[INFO]} notes")
+    return 1 if failing else 0
+
+
+def _key_values(pairs: list[str] | None, option: str) -> dict[str, str]:
+    result = {}
+    for pair in pairs or []:
+        name, separator, value = pair.partition("=")
+        if not separator or not name:
+            raise ValueError(f"{option} expects NAME=VALUE, got {pair!r}")
+        result[name] = value
+    return result
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from extauthz.config import load_config
+    from extauthz.explain import ExplainRequest, explain, render_text
+
+    try:
+        config = load_config(args.config)
+        claims = json.loads(args.claims) if args.claims else None
+        if claims is not None and not isinstance(claims, dict):
+            raise ValueError("--claims expects a JSON object")
+        request = ExplainRequest(
+            method=args.method, host=args.host, path=args.path, scheme=args.scheme,
+            headers=_key_values(args.header, "--header"),
+            source_principal=args.source_principal, source_address=args.source_address,
+            destination_principal=args.destination_principal, destination_port=args.destination_port,
+            context_extensions=_key_values(args.context_extension, "--context-extension"),
+            token=args.token, claims=claims)
+        result = explain(config, request)
+    except (ConfigError, JWKSError, ValueError) as exc:
+        print(f"extauthz policy explain: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.format == "json" else render_text(result))
+    return 0
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from extauthz.config import Address, load_config
+    from extauthz.envoy_config import bootstrap, cluster_config, ext_authz_filter
+
+    try:
+        config = load_config(args.config)
+        upstream = _address(args.upstream, "--upstream")
+        listen = _address(args.listen, "--listen")
+        admin = _address(args.admin, "--admin")
+    except (ConfigError, ValueError) as exc:
+        print(f"extauthz envoy-config: {exc}", file=sys.stderr)
+        return 2
+    grpc = config.listen.grpc
+    if grpc.host in ("0.0.0.0", "::"):
+        grpc = Address("127.0.0.1", grpc.port)
+    if args.filter_only:
+        document = {"http_filters": [ext_authz_filter(timeout=args.timeout)],
+                    "clusters": [cluster_config("extauthz", grpc, http2=True)]}
+    else:
+        document = bootstrap(listen=listen, admin=admin, extauthz=grpc, upstream=upstream,
+                             namespace=args.namespace, timeout=args.timeout)
+    print(yaml.safe_dump(document, sort_keys=False), end="")
+    return 0
+
+
+def _address(text: str, option: str):
+    from extauthz.config import Address
+
+    host, separator, port = text.rpartition(":")
+    if not separator or not port.isdigit() or not host:
+        raise ValueError(f"{option} expects HOST:PORT, got {text!r}")
+    return Address(host.strip("[]"), int(port))
+
+
 def _dev_token(args: argparse.Namespace) -> int:
     from extauthz.dev_idp import sign_user_token
 
@@ -168,6 +270,47 @@ def build_parser() -> argparse.ArgumentParser:
     revocations.add_argument("--config", required=True, help="configuration whose store.url names the shared store")
     revocations.add_argument("--format", choices=("text", "json"), default="text", help="output format of list")
     revocations.set_defaults(run=_revocations)
+
+    policy = commands.add_parser("policy", help="check AuthorizationPolicy files, or explain a decision")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+
+    check = policy_commands.add_parser("check", help="report every problem in AuthorizationPolicy files")
+    check.add_argument("paths", nargs="+", help="policy files or folders")
+    check.add_argument("--config", help="read provider, root namespace and the token.ttl cap from this config")
+    check.add_argument("--provider", default="extauthz", help="provider name when --config is not given")
+    check.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    check.set_defaults(run=_policy_check)
+
+    explain = policy_commands.add_parser("explain", help="show how serve would decide one request, and why")
+    explain.add_argument("--config", required=True, help="extauthz configuration (policies and issuers)")
+    explain.add_argument("--method", default="GET", help="HTTP method (default GET)")
+    explain.add_argument("--host", required=True, help="the request's :authority, such as shop.example.com")
+    explain.add_argument("--path", required=True, help="the request's :path, query included")
+    explain.add_argument("--scheme", default="http", choices=("http", "https"))
+    explain.add_argument("--header", action="append", metavar="NAME=VALUE", help="a request header; repeatable")
+    explain.add_argument("--source-principal", default="", help="calling workload, such as spiffe://cluster.local/ns/web/sa/web")
+    explain.add_argument("--source-address", default="127.0.0.1", help="caller IP address")
+    explain.add_argument("--destination-principal", default="", help="destination workload principal")
+    explain.add_argument("--destination-port", type=int, default=0, help="destination port")
+    explain.add_argument("--context-extension", action="append", metavar="NAME=VALUE",
+                         help="an ext_authz context extension, such as namespace=shop; repeatable")
+    identity = explain.add_mutually_exclusive_group()
+    identity.add_argument("--token", help="an end-user JWT, verified as serve verifies it")
+    identity.add_argument("--claims", help="end-user claims as a JSON object; skips only the signature check")
+    explain.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    explain.set_defaults(run=_policy_explain)
+
+    envoy = commands.add_parser("envoy-config", help="print an Envoy configuration that calls extauthz")
+    envoy.add_argument("--config", required=True, help="extauthz configuration (its listen.grpc address)")
+    envoy.add_argument("--upstream", default="127.0.0.1:8080", help="the protected backend, HOST:PORT")
+    envoy.add_argument("--listen", default="0.0.0.0:10000", help="Envoy's listener, HOST:PORT")
+    envoy.add_argument("--admin", default="127.0.0.1:9901", help="Envoy's admin listener, HOST:PORT")
+    envoy.add_argument("--namespace", default="default",
+                       help="destination namespace sent as context extension `namespace` (default: default)")
+    envoy.add_argument("--timeout", default="0.25s", help="Check timeout, such as 0.25s")
+    envoy.add_argument("--filter-only", action="store_true",
+                       help="print only the ext_authz HTTP filter and the extauthz cluster")
+    envoy.set_defaults(run=_envoy_config)
 
     dev = commands.add_parser("dev", help="development helpers; never use their keys in production")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)

@@ -16,7 +16,7 @@ from extauthz.config import Address
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 
 
-def _cluster(name: str, address: Address, http2: bool = False) -> dict[str, Any]:
+def cluster_config(name: str, address: Address, http2: bool = False) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
@@ -90,7 +90,7 @@ def bootstrap(*, listen: Address, admin: Address, extauthz: Address, upstream: A
                     "typed_config": connection_manager,
                 }]}],
             }],
-            "clusters": [_cluster("extauthz", extauthz, http2=True), _cluster("upstream", upstream)],
+            "clusters": [cluster_config("extauthz", extauthz, http2=True), cluster_config("upstream", upstream)],
         },
     }
 

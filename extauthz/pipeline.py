@@ -88,12 +88,16 @@ class Authorizer:
         self.snapshot = Snapshot(policies, verifier, self.snapshot.generation + 1)
         return self.snapshot
 
-    def check(self, check_request: external_auth_pb2.CheckRequest) -> Decision:
-        """Decide one CheckRequest. Never raises: an unexpected error is a logged 500 deny."""
+    def check(self, check_request: external_auth_pb2.CheckRequest, claims: dict | None = None) -> Decision:
+        """Decide one CheckRequest. Never raises: an unexpected error is a logged 500 deny.
+
+        `claims` stands in for a verified end-user token: `extauthz policy explain` uses it to decide
+        on claims without a signed token. `serve` never passes it.
+        """
         started = time.perf_counter()
         decision = Decision(decision_id=str(uuid.uuid4()), started_at=self.clock())
         try:
-            self._decide(check_request, decision, self.snapshot)
+            self._decide(check_request, decision, self.snapshot, claims)
         except DenyError as exc:
             decision.deny(exc)
         except Exception as exc:  # noqa: BLE001 - a bug must become a deny, never an allow or a crash
@@ -106,13 +110,17 @@ class Authorizer:
                                       decision.minted is not None, decision.would_deny)
         return decision
 
-    def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision, snapshot: Snapshot) -> None:
+    def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision, snapshot: Snapshot,
+                claims: dict | None = None) -> None:
         decision.peer = read_peer(check_request)
         request = from_check_request(check_request, self.max_path_bytes, decision.peer)
         decision.request = request
 
         token = extract_bearer(request.headers.get("authorization"), self.max_token_bytes)
-        user = snapshot.verifier.verify(token) if token is not None else None
+        if claims is not None:
+            user = snapshot.verifier.verify_claims(claims)
+        else:
+            user = snapshot.verifier.verify(token) if token is not None else None
         decision.user = user
 
         policies = snapshot.policies.match(request, user)

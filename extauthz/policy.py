@@ -62,9 +62,12 @@ _OPERATION_FIELDS = {
 _CONDITION_KEYS = (
     "request.headers", "source.ip", "remote.ip", "source.namespace", "source.principal",
     "request.auth.principal", "request.auth.audiences", "request.auth.presenter", "request.auth.claims",
-    "destination.ip", "destination.port",
+    "destination.ip", "destination.port", "context_extensions",
 )
-_BRACKETED = re.compile(r"^([a-z.]+)((?:\[[^\[\]]+\])+)\Z")
+_BRACKETED = re.compile(r"^([a-z._]+)((?:\[[^\[\]]+\])+)\Z")
+# Condition keys that take [NAME] selectors. context_extensions is extauthz's own: the route's
+# ext_authz context_extensions, set in the Envoy configuration and so trusted.
+_SELECTOR_KEYS = ("request.headers", "request.auth.claims", "context_extensions")
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -266,15 +269,15 @@ def _condition(reader: _Reader, data: object, field: str) -> Condition:
     if bracketed:
         base = bracketed.group(1)
         selector = tuple(re.findall(r"\[([^\[\]]+)\]", bracketed.group(2)))
-        if base not in ("request.headers", "request.auth.claims"):
-            close = difflib.get_close_matches(base, ("request.headers", "request.auth.claims"), n=1)
+        if base not in _SELECTOR_KEYS:
+            close = difflib.get_close_matches(base, _SELECTOR_KEYS, n=1)
             raise reader.error(f"{field}.key", f"{base} takes no [...] selector",
                                f"did you mean {close[0]!r}?" if close else None)
+        if base in ("request.headers", "context_extensions") and len(selector) != 1:
+            raise reader.error(f"{field}.key", f"{base} takes one [name]")
         if base == "request.headers":
-            if len(selector) != 1:
-                raise reader.error(f"{field}.key", "request.headers takes one [name]")
             selector = (selector[0].lower(),)
-    elif key in ("request.headers", "request.auth.claims"):
+    elif key in _SELECTOR_KEYS:
         raise reader.error(f"{field}.key", f"{key} needs a [name]", f"write {key}[NAME]")
     if base not in _CONDITION_KEYS:
         close = difflib.get_close_matches(base, _CONDITION_KEYS, n=1)
@@ -518,6 +521,9 @@ def _condition_candidates(condition: Condition, request: HttpRequest, user: EndU
     key = condition.key
     if key == "request.headers":
         value = request.headers.get(condition.selector[0])
+        return (value,) if value is not None else ()
+    if key == "context_extensions":
+        value = request.context_extensions.get(condition.selector[0])
         return (value,) if value is not None else ()
     if key in ("source.ip", "remote.ip"):
         return (request.source_address,)
