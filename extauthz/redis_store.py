@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -52,8 +53,12 @@ return 0
 
 # KEYS[1]: revocation entries hash, KEYS[2]: version counter. ARGV[1]: field, ARGV[2]: JSON entry,
 # ARGV[3]: now in seconds. Deletes entries whose expires_at has passed, sets the field and
-# increments the version. Returns the new version.
+# increments the version. A missing counter starts from the current time in milliseconds, so after a
+# Redis lost its data the versions never repeat one that a replica has loaded. Returns the new version.
 REVOKE_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], math.floor(tonumber(ARGV[3]) * 1000))
+end
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
   local ok, entry = pcall(cjson.decode, entries[i + 1])
@@ -65,9 +70,13 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('INCR', KEYS[2])
 """
 
-# KEYS[1]: revocation entries hash, KEYS[2]: version counter. ARGV[1]: field, or empty for all.
-# Returns how many entries were removed; increments the version.
+# KEYS[1]: revocation entries hash, KEYS[2]: version counter. ARGV[1]: field, or empty for all,
+# ARGV[2]: now in seconds. Returns how many entries were removed; increments the version, starting a
+# missing counter from the current time in milliseconds as REVOKE_SCRIPT does.
 UNREVOKE_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], math.floor(tonumber(ARGV[2]) * 1000))
+end
 local removed
 if ARGV[1] == '' then
   removed = redis.call('HLEN', KEYS[1])
@@ -175,7 +184,8 @@ class RedisStore:
 
     def remove_revocations(self, field: str | None) -> int:
         return int(self._run("unrevoke", self._unrevoke,
-                             keys=[self.keys.revocation_entries, self.keys.revocation_version], args=[field or ""]))
+                             keys=[self.keys.revocation_entries, self.keys.revocation_version],
+                             args=[field or "", time.time()]))
 
     def revocation_version(self) -> int:
         value = self._run("revocation version read", self.client.get, self.keys.revocation_version)

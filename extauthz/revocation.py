@@ -10,10 +10,10 @@ Each entry expires when no token it covers can still be valid: `revoked_at` + th
 `max_token_lifetime` of the configured issuers (24 h for an issuer without one) + the longest leeway.
 
 Each replica keeps a local copy. A background thread reads the store's version counter every
-quarter of `store.max_staleness` and reloads the entries when it changed, so a Check costs a dict
-lookup. When the copy is older than `store.max_staleness` because the store is unreachable, a check
-that needs it raises StoreError: sensitive routes then deny with 503 `state_unavailable`, and other
-routes follow `store.on_error`.
+quarter of `store.max_staleness` and reloads the entries when it changed or when a loaded entry has
+expired, so a Check costs a dict lookup. When the copy is older than `store.max_staleness` because
+the store is unreachable, a check that needs it raises StoreError: sensitive routes then deny with
+503 `state_unavailable`, and other routes follow `store.on_error`.
 """
 
 from __future__ import annotations
@@ -67,16 +67,21 @@ class _Snapshot:
     subjects: dict[tuple[str, str], float]
     sessions: frozenset[str]
     token_ids: frozenset[str]
+    # The earliest `expires_at` among the loaded entries. The copy is rebuilt once it has passed.
+    expires_next: float = float("inf")
 
 
 def _snapshot(entries: dict[str, dict[str, Any]], now: float) -> _Snapshot:
     subjects: dict[tuple[str, str], float] = {}
     sessions: set[str] = set()
     token_ids: set[str] = set()
+    expires_next = float("inf")
     for entry in entries.values():
         try:
-            if float(entry["expires_at"]) <= now:
+            expires_at = float(entry["expires_at"])
+            if expires_at <= now:
                 continue
+            expires_next = min(expires_next, expires_at)
             kind, value = entry["kind"], str(entry["value"])
             if kind == "sub":
                 key = (str(entry.get("issuer") or "*"), value)
@@ -87,7 +92,7 @@ def _snapshot(entries: dict[str, dict[str, Any]], now: float) -> _Snapshot:
                 token_ids.add(value)
         except (KeyError, TypeError, ValueError):
             log.warning("skipping a malformed revocation entry")
-    return _Snapshot(subjects, frozenset(sessions), frozenset(token_ids))
+    return _Snapshot(subjects, frozenset(sessions), frozenset(token_ids), expires_next)
 
 
 class RevocationList:
@@ -107,15 +112,21 @@ class RevocationList:
         self._live = store.name == "memory"
 
     def sync(self) -> bool:
-        """Reload the entries if the store's version changed; return True when the copy is current."""
+        """Reload the entries if the store's version changed or a loaded entry expired. Return True
+        when the copy is current."""
         try:
             version = self.store.revocation_version()
-            if version != self._version:
+            if version != self._version or self.clock() >= self._snapshot.expires_next:
                 entries = self.store.revocation_entries()
                 self._snapshot = _snapshot(entries, self.clock())
                 self._version = version
                 log.info("revocations loaded", extra={"version": version, "entries": len(entries)})
         except StoreError as exc:
+            # Reload on the next successful sync even if the version is the same. A Redis that lost
+            # its data (a restart, a failover to a lagging replica) counts versions from 0 again, so
+            # a new entry can come with a version this copy has already loaded. NOTE: a loss that no
+            # sync saw fail is still missed if the counter is back at the loaded version by the next sync.
+            self._version = None
             self.sync_errors += 1
             now = time.monotonic()
             if now - self._last_error_log > 10:

@@ -26,6 +26,10 @@ from typing import Any, Protocol
 from extauthz.config import StoreConfig
 from extauthz.errors import ExtauthzError
 
+# The in-process store sweeps expired one-time claims once it holds this many, at most once per interval.
+MEMORY_SWEEP_SIZE = 100_000
+MEMORY_SWEEP_INTERVAL = 10.0
+
 CLAIMED = "claimed"
 RETRY = "retry"
 REPLAYED = "replayed"
@@ -97,6 +101,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._claims: dict[str, tuple[str, float, float]] = {}
+        self._next_sweep = 0.0
         self._revocations: dict[str, dict[str, Any]] = {}
         self._version = 0
         self._keys: dict[str, tuple[list[dict[str, Any]], float]] = {}
@@ -107,8 +112,10 @@ class MemoryStore:
             if existing is not None and existing[2] <= now:
                 existing = None
             if existing is None:
-                if len(self._claims) > 100_000:
+                # Drop expired claims now and then; a sweep on every claim would cost O(n) each time.
+                if len(self._claims) > MEMORY_SWEEP_SIZE and now >= self._next_sweep:
                     self._claims = {k: v for k, v in self._claims.items() if v[2] > now}
+                    self._next_sweep = now + MEMORY_SWEEP_INTERVAL
                 self._claims[key] = (fingerprint, now, now + ttl)
                 return CLAIMED
             if existing[0] == fingerprint and now - existing[1] <= retry_window:

@@ -26,8 +26,10 @@ def redis_binary() -> str:
 class RedisServer:
     """One redis-server on 127.0.0.1 that keeps nothing on disk."""
 
-    def __init__(self, folder: Path, port: int | None = None, extra: list[str] | None = None):
+    def __init__(self, folder: Path, port: int | None = None, extra: list[str] | None = None,
+                 password: str | None = None):
         self.folder = folder
+        self.password = password
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.extra = extra or []
@@ -40,17 +42,26 @@ class RedisServer:
     def start(self) -> RedisServer:
         command = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log"),
-                   *self.extra]
+                   *(["--requirepass", self.password] if self.password else []), *self.extra]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self) -> None:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        """Wait until this server answers PING; fail at once if it exited (a port taken by another)."""
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,
+                             password=self.password)
         deadline = time.monotonic() + START_TIMEOUT
         try:
             while True:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} exited with code {self.process.returncode}; "
+                                       f"see {self.folder / 'redis.log'}")
                 try:
                     client.ping()
                     return
@@ -62,7 +73,8 @@ class RedisServer:
             client.close()
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2,
+                           password=self.password)
 
     def stop(self) -> None:
         """Kill the server; its data is gone (nothing is kept on disk)."""
@@ -93,8 +105,8 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
+    server = RedisServer(tmp_path / "redis")
     try:
-        yield server
+        yield server.start()
     finally:
         server.stop()
