@@ -1,17 +1,26 @@
 """Direct gRPC load benchmark: extauthz's Check against an allow-all grpcio server (the floor).
 
-The script makes everything it needs in a temporary folder: a throwaway IdP key pair, one sensitive
-policy and an extauthz configuration. It starts `extauthz serve` and an allow-all grpcio sync server
-(this same script with --serve-floor), both pinned to one CPU with taskset, and drives them from a
-Python gRPC client pinned to another CPU. Every socket is on 127.0.0.1.
+The script makes everything it needs in a temporary folder: a throwaway IdP key pair, a sensitive
+policy, a one-time-token policy and extauthz configurations. It starts `extauthz serve` and an
+allow-all grpcio sync server (this same script with --serve-floor), both pinned to one CPU with
+taskset, and drives them from a Python gRPC client pinned to another CPU. The Redis scenarios add a
+redis-server and a second `extauthz serve` with `store.url` pointing at it, both pinned to the same
+server CPU. Every socket is on 127.0.0.1.
 
 Scenarios, measured in this order in every round:
 
-    floor         the allow-all server: the cost of grpcio and of this client alone
-    allow-mint    extauthz with one valid end-user token reused for every call, so its verified-token
-                  cache hits. Every Check matches the sensitive route and mints a per-request token.
-    step-up-deny  extauthz with a token whose login is older than the route's max age: 401 step-up
-    floor-aio     (only when asked for) an allow-all grpc.aio server, to compare with the sync floor
+    floor             the allow-all server: the cost of grpcio and of this client alone
+    allow-mint        extauthz with one valid end-user token reused for every call, so its verified-token
+                      cache hits. Every Check matches the sensitive route and mints a per-request token.
+    allow-mint-redis  (only when asked for) allow-mint against the extauthz whose store is Redis: the
+                      revocation checks read a local copy that a background thread syncs from Redis
+    step-up-deny      extauthz with a token whose login is older than the route's max age: 401 step-up
+    one-time-memory   (only when asked for) the one-time-token route with the memory store. Every call
+                      sends a new token from a pool signed before the round, so every Check verifies
+                      an ES256 signature and claims the token's jti.
+    one-time-redis    (only when asked for) one-time-memory against the extauthz whose store is Redis:
+                      every Check runs one claim script on Redis
+    floor-aio         (only when asked for) an allow-all grpc.aio server, to compare with the sync floor
 
 Run `python bench/grpc_load.py --help` for the options. docs/benchmarks.md records results.
 """
@@ -36,6 +45,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
@@ -46,20 +56,27 @@ from typing import Any
 
 import grpc
 import jwt
+import redis
 import yaml
 from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extauthz.dev_idp import DEV_AUDIENCE, DEV_ISSUER, generate_idp_keys, sign_user_token
+from extauthz.dev_idp import DEV_AUDIENCE, DEV_ISSUER, generate_idp_keys, load_idp_key, sign_user_token
 
-SCENARIOS = ("floor", "allow-mint", "step-up-deny", "floor-aio")
+SCENARIOS = ("floor", "allow-mint", "allow-mint-redis", "step-up-deny", "one-time-memory", "one-time-redis",
+             "floor-aio")
 DEFAULT_SCENARIOS = ("floor", "allow-mint", "step-up-deny")
+REDIS_SCENARIOS = frozenset({"allow-mint-redis", "one-time-redis"})
+ONE_TIME_SCENARIOS = frozenset({"one-time-memory", "one-time-redis"})
+# Each Redis scenario and the memory-store scenario that sends the same requests, for the ratio.
+MEMORY_COUNTERPARTS = {"allow-mint-redis": "allow-mint", "one-time-redis": "one-time-memory"}
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
-# Ports that a local demo uses: never bind or aim at them.
-RESERVED_PORTS = frozenset({9191, 9192, 9193, 9901, 10000})
+# Ports that a local demo uses, and Redis's default port, which another Redis may use: never bind
+# or aim at them.
+RESERVED_PORTS = frozenset({6379, 9191, 9192, 9193, 9901, 10000})
 
 TOKEN_ISSUER = "https://extauthz.bench.test"
 TOKEN_HEADER = "txn-token"
@@ -72,6 +89,9 @@ MAX_PENDING = 256
 
 REQUEST_HOST = "payments.bench.test"
 REQUEST_PATH = "/payments/42"
+ONE_TIME_PATH = "/transfers/7"
+ONE_TIME_AUDIENCE = "transfers-api"
+USER_TOKEN_LIFETIME_S = 600
 SOURCE_PRINCIPAL = "spiffe://cluster.local/ns/web/sa/frontend"
 DESTINATION_PRINCIPAL = "spiffe://cluster.local/ns/bench/sa/payments"
 
@@ -93,6 +113,24 @@ spec:
     - to:
         - operation:
             paths: ["/payments/*"]
+            methods: ["GET", "POST"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: transfers-one-time
+  namespace: bench
+  annotations:
+    extauthz.io/one-time-token: "true"
+    extauthz.io/token-audience: {ONE_TIME_AUDIENCE}
+spec:
+  action: CUSTOM
+  provider:
+    name: extauthz
+  rules:
+    - to:
+        - operation:
+            paths: ["/transfers/*"]
             methods: ["GET", "POST"]
 """
 
@@ -159,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--scenarios", type=_scenario_list, default=",".join(DEFAULT_SCENARIOS),
                         help=f"comma-separated scenarios to measure, from {','.join(SCENARIOS)}; ratios need "
-                             "floor")
+                             "floor, and a Redis scenario's ratio to the memory store needs its memory "
+                             "counterpart (allow-mint, one-time-memory)")
+    parser.add_argument("--one-time-max-rate", type=_bounded(int, 100, 50_000, "Checks/s"), default=4000,
+                        help="Checks/s that the one-time scenarios may reach: each round signs "
+                             "rate x (warm-up + duration) + in-flight tokens per one-time scenario before "
+                             "its load starts, and a scenario that uses them all up fails (100 to 50000)")
     parser.add_argument("--call-timeout", type=_bounded(float, 0.1, 60, "seconds"), default=5.0,
                         help="deadline of each Check call, in seconds; a call past it counts as an error")
     parser.add_argument("--startup-timeout", type=_bounded(float, 1, 120, "seconds"), default=30.0,
@@ -279,20 +322,16 @@ class Setup:
     http_port: int
     floor_port: int
     floor_aio_port: int
+    # The extauthz whose store is the benchmark's own redis-server.
+    redis_config: Path
+    redis_decision_log: Path | None
+    redis_grpc_port: int
+    redis_http_port: int
+    redis_port: int
 
 
-def write_setup(folder: Path, threads: int, decision_log_sink: str) -> Setup:
-    """Write a throwaway IdP key pair, the policy and an extauthz configuration into `folder`."""
-    idp_key = generate_idp_keys(folder / "idp")
-    (folder / "policies").mkdir()
-    (folder / "policies" / "payments.yaml").write_text(POLICIES, encoding="utf-8")
-
-    decision_log = folder / "decisions.jsonl" if decision_log_sink == "file" else None
-    ports = set()
-    while len(ports) < 4:
-        ports.add(free_port())
-    grpc_port, http_port, floor_port, floor_aio_port = sorted(ports)
-    config = {
+def _extauthz_config(grpc_port: int, http_port: int, threads: int, decision_log: Path | None) -> dict[str, Any]:
+    return {
         "listen": {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_port}"},
         "issuers": [{"issuer": DEV_ISSUER, "jwks_file": "idp/jwks.json", "audiences": [DEV_AUDIENCE],
                      "algorithms": ["ES256"], "max_token_lifetime": "1h"}],
@@ -302,19 +341,60 @@ def write_setup(folder: Path, threads: int, decision_log_sink: str) -> Setup:
         "decision_log": {"sink": f"file:{decision_log or '/dev/null'}"},
         "server": {"threads": threads, "max_pending": MAX_PENDING, "drain_timeout": "1s"},
     }
+
+
+def write_setup(folder: Path, threads: int, decision_log_sink: str) -> Setup:
+    """Write a throwaway IdP key pair, the policies and both extauthz configurations into `folder`.
+
+    The second configuration differs from the first only in its ports, its decision log and
+    `store.url`, which names the benchmark's redis-server with the default store settings.
+    """
+    idp_key = generate_idp_keys(folder / "idp")
+    (folder / "policies").mkdir()
+    (folder / "policies" / "bench.yaml").write_text(POLICIES, encoding="utf-8")
+
+    decision_log = folder / "decisions.jsonl" if decision_log_sink == "file" else None
+    redis_decision_log = folder / "decisions-redis.jsonl" if decision_log_sink == "file" else None
+    ports: set[int] = set()
+    while len(ports) < 7:
+        ports.add(free_port())
+    grpc_port, http_port, floor_port, floor_aio_port, redis_grpc_port, redis_http_port, redis_port = sorted(ports)
+
+    config = _extauthz_config(grpc_port, http_port, threads, decision_log)
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return Setup(folder, idp_key, config_path, decision_log, grpc_port, http_port, floor_port, floor_aio_port)
+
+    redis_config = _extauthz_config(redis_grpc_port, redis_http_port, threads, redis_decision_log)
+    redis_config["store"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
+    redis_config_path = folder / "config-redis.yaml"
+    redis_config_path.write_text(yaml.safe_dump(redis_config, sort_keys=False), encoding="utf-8")
+    return Setup(folder, idp_key, config_path, decision_log, grpc_port, http_port, floor_port, floor_aio_port,
+                 redis_config_path, redis_decision_log, redis_grpc_port, redis_http_port, redis_port)
 
 
 def user_token(idp_key: Path, login_age: float) -> str:
     """Sign a 10-minute end-user token, with MFA, whose login happened `login_age` seconds ago."""
     return sign_user_token(idp_key, subject="bench-user", auth_age=login_age, acr=MFA, amr=["pwd", "otp"],
-                           lifetime=600)
+                           lifetime=USER_TOKEN_LIFETIME_S)
 
 
-def check_request_bytes(token: str) -> bytes:
-    """Serialise the CheckRequest that Envoy's HTTP ext_authz filter sends for GET /payments/42."""
+def one_time_token(private_key: Any, kid: str, now: int) -> str:
+    """Sign a 10-minute end-user token with a new jti, with the key and kid that load_idp_key returns."""
+    claims = {"iss": DEV_ISSUER, "sub": "bench-user", "aud": DEV_AUDIENCE, "iat": now,
+              "exp": now + USER_TOKEN_LIFETIME_S, "auth_time": now - FRESH_LOGIN_AGE_S, "acr": MFA,
+              "amr": ["pwd", "otp"], "jti": str(uuid.uuid4())}
+    return jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": kid, "typ": "JWT"})
+
+
+def one_time_payloads(idp_key: Path, count: int) -> list[bytes]:
+    """Sign `count` tokens, each with its own jti, and return one CheckRequest for GET /transfers/7 per token."""
+    private_key, kid = load_idp_key(idp_key)
+    now = int(time.time())
+    return [check_request_bytes(one_time_token(private_key, kid, now), path=ONE_TIME_PATH) for _ in range(count)]
+
+
+def check_request_bytes(token: str, *, path: str = REQUEST_PATH, request_id: str = "bench-request") -> bytes:
+    """Serialise the CheckRequest that Envoy's HTTP ext_authz filter sends for GET `path`."""
     attributes = attribute_context_pb2.AttributeContext()
     attributes.source.principal = SOURCE_PRINCIPAL
     attributes.source.address.CopyFrom(address_pb2.Address(
@@ -326,11 +406,11 @@ def check_request_bytes(token: str) -> bytes:
     http.id = "12345"
     http.method = "GET"
     http.host = REQUEST_HOST
-    http.path = REQUEST_PATH
+    http.path = path
     http.scheme = "http"
     http.protocol = "HTTP/1.1"
-    headers = {":method": "GET", ":path": REQUEST_PATH, ":authority": REQUEST_HOST,
-               "x-request-id": "bench-request", "authorization": f"Bearer {token}"}
+    headers = {":method": "GET", ":path": path, ":authority": REQUEST_HOST,
+               "x-request-id": request_id, "authorization": f"Bearer {token}"}
     for name, value in headers.items():
         http.headers[name] = value
     return external_auth_pb2.CheckRequest(attributes=attributes).SerializeToString()
@@ -350,9 +430,12 @@ def _die_with_parent() -> Callable[[], None]:
 
 
 class ServerProcess:
-    """A server started under `taskset -c CPU`, with its output in a log file."""
+    """A server started under `taskset -c CPU`, with its output in a log file.
 
-    def __init__(self, name: str, argv: list[str], cpu: int, log_path: Path, grpc_port: int):
+    `grpc_port` is None for a server that does not speak gRPC (RedisProcess).
+    """
+
+    def __init__(self, name: str, argv: list[str], cpu: int, log_path: Path, grpc_port: int | None):
         self.name = name
         self.cpu = cpu
         self.log_path = log_path
@@ -369,6 +452,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float) -> None:
         """Wait until grpc.health.v1 reports SERVING; raise BenchError on exit or timeout."""
+        assert self.grpc_port is not None
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=CHANNEL_OPTIONS) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -385,7 +469,9 @@ class ServerProcess:
                 time.sleep(0.1)
             else:
                 raise BenchError(f"{self.name} did not report SERVING within {timeout:g} s\n{self.log_tail()}")
+        self.check_affinity()
 
+    def check_affinity(self) -> None:
         affinity = os.sched_getaffinity(self.pid)
         if affinity != {self.cpu}:
             raise BenchError(f"{self.name} (pid {self.pid}) runs on CPUs {sorted(affinity)}, expected "
@@ -412,6 +498,49 @@ class ServerProcess:
             print(f"{self.name} (pid {self.pid}) ignored SIGTERM for 10 s: sending SIGKILL", file=sys.stderr)
             self.process.kill()
             self.process.wait()
+
+
+class RedisProcess(ServerProcess):
+    """A redis-server on 127.0.0.1:port under `taskset -c CPU` that keeps nothing on disk."""
+
+    def __init__(self, cpu: int, port: int, folder: Path):
+        binary = shutil.which("redis-server") or "redis-server"
+        # An empty --logfile sends Redis's log to stdout, so to the log file.
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(folder), "--logfile", ""]
+        super().__init__("redis", argv, cpu, folder / "redis.log", None)
+        self.port = port
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until Redis replies to PING; raise BenchError on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        client = self.client()
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise BenchError(f"redis exited with status {self.process.returncode} before it was ready\n"
+                                     f"{self.log_tail()}")
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"redis did not reply to PING within {timeout:g} s\n"
+                                         f"{self.log_tail()}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.check_affinity()
+
+    def count_keys(self, pattern: str) -> int:
+        client = self.client()
+        try:
+            return sum(1 for _ in client.scan_iter(match=pattern, count=10_000))
+        finally:
+            client.close()
 
 
 def cpu_busy_ticks(cpus: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -446,7 +575,7 @@ class Measurement:
     """One scenario in one round.
 
     `calls` counts the Checks that completed inside the measured window. CPU figures are percent of one
-    CPU over that window.
+    CPU over that window. `store_cpu_pct` is the redis-server's, for the Redis scenarios only.
     """
 
     scenario: str
@@ -464,6 +593,9 @@ class Measurement:
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
     ratio_to_floor: float | None = None
+    store_cpu_pct: float | None = None
+    # Checks/s divided by the Checks/s of the memory-store counterpart in the same round.
+    ratio_to_memory: float | None = None
 
 
 Validator = Callable[[external_auth_pb2.CheckResponse], str | None]
@@ -477,20 +609,25 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[rank - 1]
 
 
-def drive(calls: list[grpc.UnaryUnaryMultiCallable], payload: bytes, validate: Validator, server: ServerProcess,
-          *, scenario: str, round_number: int, in_flight: int, warmup: float, duration: float,
-          call_timeout: float, cpus: tuple[int, int]) -> Measurement:
+def drive(calls: list[grpc.UnaryUnaryMultiCallable], payloads: list[bytes], validate: Validator,
+          server: ServerProcess, *, scenario: str, round_number: int, in_flight: int, warmup: float,
+          duration: float, call_timeout: float, cpus: tuple[int, int], one_use: bool = False,
+          store: ServerProcess | None = None) -> Measurement:
     """Keep `in_flight` calls going for warmup + duration seconds, then wait for the last ones.
 
-    Only calls that complete inside the measured window count towards Checks/s and latency. Every
-    response of the round is validated, warm-up and drain included.
+    Every call sends `payloads[0]`, or with `one_use` the next unused payload. A pool of one-use
+    payloads that runs out before the window ends raises BenchError. Only calls that complete inside
+    the measured window count towards Checks/s and latency. Every response of the round is validated,
+    warm-up and drain included. `store` is a process whose CPU time is measured too.
     """
     completions: queue.SimpleQueue[tuple[float, float, grpc.Future]] = queue.SimpleQueue()
     issued = 0
     outstanding = 0
+    pool_ran_out_at: float | None = None
 
     def issue() -> None:
         nonlocal issued, outstanding
+        payload = payloads[issued] if one_use else payloads[0]
         sent = time.perf_counter()
         future = calls[issued % len(calls)].future(payload, timeout=call_timeout)
         future.add_done_callback(lambda done, sent=sent: completions.put((sent, time.perf_counter(), done)))
@@ -500,18 +637,25 @@ def drive(calls: list[grpc.UnaryUnaryMultiCallable], payload: bytes, validate: V
     start = time.perf_counter()
     window_start = start + warmup
     window_end = window_start + duration
-    # Samples at the window's start and end: wall time, server and client process CPU seconds, and the
-    # busy and total ticks of the server's and the client's CPU.
-    samples: list[tuple[float, float, float, list[tuple[int, int]]]] = []
+    # Samples at the window's start and end: wall time, server, client and store process CPU seconds,
+    # and the busy and total ticks of the server's and the client's CPU.
+    samples: list[tuple[float, float, float, float, list[tuple[int, int]]]] = []
     latencies: list[float] = []
     errors: Counter[str] = Counter()
 
+    def sample(now: float) -> None:
+        store_seconds = store.cpu_seconds() if store is not None else 0.0
+        samples.append((now, server.cpu_seconds(), process_cpu_seconds("self"), store_seconds,
+                        cpu_busy_ticks(cpus)))
+
+    if one_use and len(payloads) < in_flight:
+        raise BenchError(f"{scenario}: {len(payloads)} one-use payloads for {in_flight} calls in flight")
     for _ in range(in_flight):
         issue()
     while outstanding:
         now = time.perf_counter()
         if (len(samples) == 0 and now >= window_start) or (len(samples) == 1 and now >= window_end):
-            samples.append((now, server.cpu_seconds(), process_cpu_seconds("self"), cpu_busy_ticks(cpus)))
+            sample(now)
         try:
             sent, done, future = completions.get(timeout=call_timeout + 2)
         except queue.Empty:
@@ -525,12 +669,19 @@ def drive(calls: list[grpc.UnaryUnaryMultiCallable], payload: bytes, validate: V
         elif window_start <= done < window_end:
             latencies.append(done - sent)
         if now < window_end:
-            issue()
+            if one_use and issued >= len(payloads):
+                if pool_ran_out_at is None:
+                    pool_ran_out_at = now - start
+            else:
+                issue()
+    if pool_ran_out_at is not None:
+        raise BenchError(f"{scenario}: all {len(payloads)} pre-signed tokens were used after {pool_ran_out_at:.1f} s "
+                         f"of {warmup + duration:g} s; raise --one-time-max-rate")
     if len(samples) < 2:
         raise BenchError(f"{scenario}: the load loop ended before the measured window did; see the errors: "
                          f"{dict(errors)}")
 
-    (wall_0, server_0, client_0, ticks_0), (wall_1, server_1, client_1, ticks_1) = samples
+    (wall_0, server_0, client_0, store_0, ticks_0), (wall_1, server_1, client_1, store_1, ticks_1) = samples
     core_busy = [100 * (busy_1 - busy_0) / max(1, total_1 - total_0)
                  for (busy_0, total_0), (busy_1, total_1) in zip(ticks_0, ticks_1, strict=True)]
     latencies.sort()
@@ -542,7 +693,8 @@ def drive(calls: list[grpc.UnaryUnaryMultiCallable], payload: bytes, validate: V
         server_cpu_pct=100 * (server_1 - server_0) / (wall_1 - wall_0),
         client_cpu_pct=100 * (client_1 - client_0) / (wall_1 - wall_0),
         server_core_busy_pct=core_busy[0], client_core_busy_pct=core_busy[1],
-        errors=sum(errors.values()), error_kinds=dict(errors))
+        errors=sum(errors.values()), error_kinds=dict(errors),
+        store_cpu_pct=100 * (store_1 - store_0) / (wall_1 - wall_0) if store is not None else None)
 
 
 def _check_future(future: grpc.Future, validate: Validator) -> str | None:
@@ -587,12 +739,13 @@ def validate_step_up(response: external_auth_pb2.CheckResponse) -> str | None:
 
 
 def verify_minted_sample(call: grpc.UnaryUnaryMultiCallable, payload: bytes, http_port: int,
-                         timeout: float) -> None:
+                         timeout: float, *, scenario: str = "allow-mint", audience: str = TOKEN_AUDIENCE,
+                         path: str = REQUEST_PATH) -> None:
     """Send one Check and verify the minted token's signature and claims with extauthz's published JWKS."""
     response = call(payload, timeout=timeout)
     problem = validate_allowed(response)
     if problem is not None:
-        raise BenchError(f"allow-mint sample: {problem}")
+        raise BenchError(f"{scenario} sample: {problem}")
     token = _header_value(response.ok_response.headers, TOKEN_HEADER)
     assert token is not None
 
@@ -603,14 +756,31 @@ def verify_minted_sample(call: grpc.UnaryUnaryMultiCallable, payload: bytes, htt
     kid = jwt.get_unverified_header(token).get("kid")
     keys = [key for key in key_set.keys if key.key_id == kid]
     if not keys:
-        raise BenchError(f"allow-mint sample: minted token's kid {kid!r} is not in the published JWKS")
+        raise BenchError(f"{scenario} sample: minted token's kid {kid!r} is not in the published JWKS")
     try:
-        claims = jwt.decode(token, keys[0].key, algorithms=["ES256"], audience=TOKEN_AUDIENCE, issuer=TOKEN_ISSUER)
+        claims = jwt.decode(token, keys[0].key, algorithms=["ES256"], audience=audience, issuer=TOKEN_ISSUER)
     except jwt.PyJWTError as exc:
-        raise BenchError(f"allow-mint sample: minted token failed verification: {exc}") from exc
-    if claims.get("sub") != "bench-user" or claims.get("tctx", {}).get("path") != REQUEST_PATH:
-        raise BenchError(f"allow-mint sample: unexpected claims sub={claims.get('sub')!r} "
+        raise BenchError(f"{scenario} sample: minted token failed verification: {exc}") from exc
+    if claims.get("sub") != "bench-user" or claims.get("tctx", {}).get("path") != path:
+        raise BenchError(f"{scenario} sample: unexpected claims sub={claims.get('sub')!r} "
                          f"tctx={claims.get('tctx')!r}")
+
+
+def verify_one_time_sample(call: grpc.UnaryUnaryMultiCallable, idp_key: Path, http_port: int, timeout: float,
+                           scenario: str) -> None:
+    """Use one new token twice, from two requests with different request ids: the first Check must mint a
+    valid token, and the second must be denied as a replay, which shows that the store is consulted."""
+    private_key, kid = load_idp_key(idp_key)
+    token = one_time_token(private_key, kid, int(time.time()))
+    verify_minted_sample(call, check_request_bytes(token, path=ONE_TIME_PATH, request_id="bench-sample-1"),
+                         http_port, timeout, scenario=scenario, audience=ONE_TIME_AUDIENCE, path=ONE_TIME_PATH)
+    response = call(check_request_bytes(token, path=ONE_TIME_PATH, request_id="bench-sample-2"), timeout=timeout)
+    # extauthz puts the deny reason in the gRPC status message.
+    if (response.status.code != code_pb2.UNAUTHENTICATED or response.denied_response.status.code != 401
+            or response.status.message != "token_replayed"):
+        raise BenchError(f"{scenario} sample: the second use of a one-time token got status "
+                         f"{code_pb2.Code.Name(response.status.code)} ({response.status.message}) and HTTP "
+                         f"{response.denied_response.status.code}, expected UNAUTHENTICATED (token_replayed) and 401")
 
 
 # --- the benchmark -------------------------------------------------------------------------------
@@ -623,27 +793,41 @@ def run_rounds(args: argparse.Namespace, setup: Setup, servers: dict[str, Server
         # Fresh tokens each round keep the fresh login within the route's max age however long the run.
         allowed_payload = check_request_bytes(user_token(setup.idp_key, FRESH_LOGIN_AGE_S))
         stale_payload = check_request_bytes(user_token(setup.idp_key, STALE_LOGIN_AGE_S))
-        plan: dict[str, tuple[str, bytes, Validator]] = {
+        # The one-time scenarios get their pool of payloads just before their load starts.
+        plan: dict[str, tuple[str, bytes | None, Validator]] = {
             # The floor gets the allow-mint request, so the client sends the same bytes.
             "floor": ("floor", allowed_payload, validate_floor),
             "allow-mint": ("extauthz", allowed_payload, validate_allowed),
+            "allow-mint-redis": ("extauthz-redis", allowed_payload, validate_allowed),
             "step-up-deny": ("extauthz", stale_payload, validate_step_up),
+            "one-time-memory": ("extauthz", None, validate_allowed),
+            "one-time-redis": ("extauthz-redis", None, validate_allowed),
             "floor-aio": ("floor-aio", allowed_payload, validate_floor),
         }
         round_results: dict[str, Measurement] = {}
         for scenario in args.scenarios:
             server_name, payload, validate = plan[scenario]
-            if scenario == "allow-mint":
-                verify_minted_sample(clients["extauthz"][0], payload, setup.http_port, args.call_timeout)
-            result = drive(clients[server_name], payload, validate, servers[server_name], scenario=scenario,
+            http_port = setup.redis_http_port if server_name == "extauthz-redis" else setup.http_port
+            if scenario in ("allow-mint", "allow-mint-redis"):
+                verify_minted_sample(clients[server_name][0], allowed_payload, http_port, args.call_timeout,
+                                     scenario=scenario)
+            if payload is None:
+                verify_one_time_sample(clients[server_name][0], setup.idp_key, http_port, args.call_timeout,
+                                       scenario)
+                payloads = sign_pool(args, setup, scenario)
+            else:
+                payloads = [payload]
+            result = drive(clients[server_name], payloads, validate, servers[server_name], scenario=scenario,
                            round_number=round_number, in_flight=args.in_flight, warmup=args.warmup,
                            duration=args.duration, call_timeout=args.call_timeout,
-                           cpus=(args.server_cpu, args.client_cpu))
+                           cpus=(args.server_cpu, args.client_cpu), one_use=payload is None,
+                           store=servers.get("redis") if scenario in REDIS_SCENARIOS else None)
             round_results[scenario] = result
             status = f"{result.errors} errors" if result.errors else "no errors"
-            print(f"round {round_number} {scenario:>12}: {result.checks_per_s:8.0f} Checks/s  "
+            store_text = f"  Redis CPU {result.store_cpu_pct:3.0f}%" if result.store_cpu_pct is not None else ""
+            print(f"round {round_number} {scenario:>16}: {result.checks_per_s:8.0f} Checks/s  "
                   f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  server CPU "
-                  f"{result.server_cpu_pct:3.0f}%  client CPU {result.client_cpu_pct:3.0f}%  busy CPU "
+                  f"{result.server_cpu_pct:3.0f}%{store_text}  client CPU {result.client_cpu_pct:3.0f}%  busy CPU "
                   f"{args.server_cpu}/{args.client_cpu} {result.server_core_busy_pct:3.0f}%/"
                   f"{result.client_core_busy_pct:3.0f}%  {status}",
                   file=sys.stderr, flush=True)
@@ -652,8 +836,22 @@ def run_rounds(args: argparse.Namespace, setup: Setup, servers: dict[str, Server
         for result in round_results.values():
             if floor is not None and result is not floor and floor.checks_per_s > 0:
                 result.ratio_to_floor = result.checks_per_s / floor.checks_per_s
+            memory = round_results.get(MEMORY_COUNTERPARTS.get(result.scenario, ""))
+            if memory is not None and memory.checks_per_s > 0:
+                result.ratio_to_memory = result.checks_per_s / memory.checks_per_s
             measurements.append(result)
     return measurements
+
+
+def sign_pool(args: argparse.Namespace, setup: Setup, scenario: str) -> list[bytes]:
+    """Sign the one-use payloads of one scenario and round: enough for --one-time-max-rate Checks/s over
+    warm-up and measured time, plus one per call in flight."""
+    count = math.ceil(args.one_time_max_rate * (args.warmup + args.duration)) + args.in_flight
+    started = time.perf_counter()
+    payloads = one_time_payloads(setup.idp_key, count)
+    print(f"{scenario}: signed {count} one-time tokens in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr, flush=True)
+    return payloads
 
 
 def _spread(values: list[float], digits: int) -> str:
@@ -663,32 +861,52 @@ def _spread(values: list[float], digits: int) -> str:
 
 
 def render_markdown(measurements: list[Measurement], scenarios: tuple[str, ...]) -> str:
+    """Render the summary and per-round tables.
+
+    With a Redis scenario, both tables get a column for the Redis server's CPU and one for the ratio
+    to the memory-store counterpart measured in the same round.
+    """
+    with_redis = bool(REDIS_SCENARIOS & set(scenarios))
+    redis_header = " Redis CPU % | Checks/s ÷ memory store |" if with_redis else ""
+    redis_align = " ---: | ---: |" if with_redis else ""
     lines = ["Per scenario, min / median / max over rounds. CPU is percent of one CPU during the measured window.",
              "",
-             "| scenario | Checks/s | p50 ms | p99 ms | Checks/s ÷ floor | server CPU % | client CPU % | errors |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             f"| scenario | Checks/s | p50 ms | p99 ms | Checks/s ÷ floor | server CPU % |{redis_header} "
+             "client CPU % | errors |",
+             f"| --- | ---: | ---: | ---: | ---: | ---: |{redis_align} ---: | --- |"]
     for scenario in scenarios:
         rows = [m for m in measurements if m.scenario == scenario]
         ratios = [m.ratio_to_floor for m in rows if m.ratio_to_floor is not None]
         errors = sum(m.errors for m in rows)
         error_text = "none" if not errors else "**ERRORS** " + "; ".join(
             f"{kind}: {count}" for kind, count in sum((Counter(m.error_kinds) for m in rows), Counter()).items())
+        redis_cells = ""
+        if with_redis:
+            store_cpu = [m.store_cpu_pct for m in rows if m.store_cpu_pct is not None]
+            memory_ratios = [m.ratio_to_memory for m in rows if m.ratio_to_memory is not None]
+            redis_cells = (f" {_spread(store_cpu, 0) if store_cpu else '-'} "
+                           f"| {_spread(memory_ratios, 3) if memory_ratios else '-'} |")
         lines.append(
             f"| {scenario} | {_spread([m.checks_per_s for m in rows], 0)} | {_spread([m.p50_ms for m in rows], 2)} "
             f"| {_spread([m.p99_ms for m in rows], 2)} | {_spread(ratios, 3) if ratios else '-'} "
-            f"| {_spread([m.server_cpu_pct for m in rows], 0)} | {_spread([m.client_cpu_pct for m in rows], 0)} "
-            f"| {error_text} |")
+            f"| {_spread([m.server_cpu_pct for m in rows], 0)} |{redis_cells} "
+            f"{_spread([m.client_cpu_pct for m in rows], 0)} | {error_text} |")
 
     lines += ["", "Per round. Busy is the whole CPU's busy time from /proc/stat: where it exceeds the process's "
               "own CPU, other work (softirq, other processes) ran on that CPU.", "",
               "| round | scenario | Checks/s | p50 ms | p99 ms | Checks/s ÷ floor | server CPU % | server's CPU busy % "
-              "| client CPU % | client's CPU busy % | errors |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              f"|{redis_header} client CPU % | client's CPU busy % | errors |",
+              f"| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |{redis_align} ---: | ---: | ---: |"]
     for m in measurements:
         ratio = f"{m.ratio_to_floor:.3f}" if m.ratio_to_floor is not None else "-"
+        redis_cells = ""
+        if with_redis:
+            store_cpu = f"{m.store_cpu_pct:.0f}" if m.store_cpu_pct is not None else "-"
+            memory_ratio = f"{m.ratio_to_memory:.3f}" if m.ratio_to_memory is not None else "-"
+            redis_cells = f" {store_cpu} | {memory_ratio} |"
         lines.append(f"| {m.round} | {m.scenario} | {m.checks_per_s:.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} "
-                     f"| {ratio} | {m.server_cpu_pct:.0f} | {m.server_core_busy_pct:.0f} | {m.client_cpu_pct:.0f} "
-                     f"| {m.client_core_busy_pct:.0f} | {m.errors} |")
+                     f"| {ratio} | {m.server_cpu_pct:.0f} | {m.server_core_busy_pct:.0f} |{redis_cells} "
+                     f"{m.client_cpu_pct:.0f} | {m.client_core_busy_pct:.0f} | {m.errors} |")
     return "\n".join(lines)
 
 
@@ -736,6 +954,9 @@ def check_environment(args: argparse.Namespace) -> None:
             raise BenchError(f"{option} {cpu}: CPU not available to this process (available: {sorted(available)})")
     if args.server_cpu == args.client_cpu:
         raise BenchError("--server-cpu and --client-cpu must differ, or the client competes with the servers")
+    if REDIS_SCENARIOS & set(args.scenarios) and shutil.which("redis-server") is None:
+        raise BenchError("redis-server not found: install it (apt-get install redis-server) or leave out the "
+                         f"Redis scenarios ({', '.join(sorted(REDIS_SCENARIOS))})")
 
 
 def _raise_system_exit(signum: int, _frame: object) -> None:
@@ -747,10 +968,18 @@ def start_servers(args: argparse.Namespace, setup: Setup, servers: dict[str, Ser
     """Start the servers that the requested scenarios need, each under taskset on --server-cpu.
 
     Each process goes into `servers` as soon as it starts, so the caller can stop it even when a later
-    start raises. Readiness is the caller's to wait for.
+    start raises. Redis is started first and waited for, so the Redis-backed extauthz finds it at
+    start-up. The readiness of the gRPC servers is the caller's to wait for.
     """
     script = str(Path(__file__).resolve())
-    if {"allow-mint", "step-up-deny"} & set(args.scenarios):
+    if REDIS_SCENARIOS & set(args.scenarios):
+        servers["redis"] = RedisProcess(args.server_cpu, setup.redis_port, setup.folder)
+        servers["redis"].wait_ready(args.startup_timeout)
+        servers["extauthz-redis"] = ServerProcess(
+            "extauthz-redis", [sys.executable, "-m", "extauthz", "serve", "--config", str(setup.redis_config),
+                               "--log-level", "warning"],
+            args.server_cpu, setup.folder / "extauthz-redis.log", setup.redis_grpc_port)
+    if {"allow-mint", "step-up-deny", "one-time-memory"} & set(args.scenarios):
         servers["extauthz"] = ServerProcess(
             "extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(setup.config),
                          "--log-level", "warning"],
@@ -768,9 +997,11 @@ def start_servers(args: argparse.Namespace, setup: Setup, servers: dict[str, Ser
 
 def open_clients(args: argparse.Namespace, servers: dict[str, ServerProcess],
                  channels: list[grpc.Channel]) -> dict[str, list[grpc.UnaryUnaryMultiCallable]]:
-    """Open --channels channels to each server, appending them to `channels` for the caller to close."""
+    """Open --channels channels to each gRPC server, appending them to `channels` for the caller to close."""
     clients: dict[str, list[grpc.UnaryUnaryMultiCallable]] = {}
     for name, server in servers.items():
+        if server.grpc_port is None:
+            continue
         clients[name] = []
         for _ in range(args.channels):
             channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS)
@@ -795,12 +1026,24 @@ def report(args: argparse.Namespace, setup: Setup, servers: dict[str, ServerProc
           f"{args.duration:g} s measured per scenario and round.\n")
     print(render_markdown(measurements, args.scenarios))
 
-    if setup.decision_log is not None and "extauthz" in servers:
-        extauthz_checks = sum(m.calls for m in measurements if m.scenario in ("allow-mint", "step-up-deny"))
-        with open(setup.decision_log, "rb") as log_file:
+    print()
+    for name, decision_log, scenarios in (
+            ("extauthz", setup.decision_log, ("allow-mint", "step-up-deny", "one-time-memory")),
+            ("extauthz-redis", setup.redis_decision_log, ("allow-mint-redis", "one-time-redis"))):
+        if decision_log is None or name not in servers:
+            continue
+        checks = sum(m.calls for m in measurements if m.scenario in scenarios)
+        with open(decision_log, "rb") as log_file:
             records = sum(1 for _ in log_file)
-        print(f"\nextauthz decision log: {records} records, for {extauthz_checks} Checks in the measured windows. "
+        print(f"{name} decision log: {records} records, for {checks} Checks in the measured windows. "
               "The log also contains the warm-up, drain and sample Checks.")
+    redis_server = servers.get("redis")
+    if isinstance(redis_server, RedisProcess) and "one-time-redis" in args.scenarios:
+        # The benchmark's configuration keeps the default store.key_prefix, `extauthz:`.
+        claims = redis_server.count_keys("extauthz:otk:*")
+        checks = sum(m.calls for m in measurements if m.scenario == "one-time-redis")
+        print(f"Redis held {claims} one-time claims, for {checks} one-time-redis Checks in the measured windows. "
+              "The claims also include the warm-up, drain and sample Checks.")
 
     if args.json is not None:
         options = {name: (list(value) if isinstance(value, tuple) else value) for name, value in vars(args).items()
@@ -823,6 +1066,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     planned = args.rounds * len(args.scenarios) * (args.warmup + args.duration)
     print(f"planned load time: {planned:.0f} s ({args.rounds} rounds x {len(args.scenarios)} scenarios x "
           f"({args.warmup:g} s warm-up + {args.duration:g} s measured))", file=sys.stderr)
+    one_time = len(ONE_TIME_SCENARIOS & set(args.scenarios))
+    if one_time:
+        tokens = math.ceil(args.one_time_max_rate * (args.warmup + args.duration)) + args.in_flight
+        print(f"plus signing {tokens} one-time tokens before each of {args.rounds * one_time} one-time windows",
+              file=sys.stderr)
 
     folder = Path(tempfile.mkdtemp(prefix="extauthz-bench-"))
     servers: dict[str, ServerProcess] = {}
@@ -850,7 +1098,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     finally:
         for channel in channels:
             channel.close()
-        for server in servers.values():
+        # Reverse start order: the Redis-backed extauthz stops before its Redis.
+        for server in reversed(list(servers.values())):
             server.stop()
         if args.keep_temp:
             print(f"kept the temporary folder {folder}", file=sys.stderr)
@@ -862,8 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.serve_floor is not None:
         if args.serve_floor in RESERVED_PORTS:
-            print(f"floor server: port {args.serve_floor} is reserved for the local demo; choose another port",
-                  file=sys.stderr)
+            print(f"floor server: port {args.serve_floor} is reserved for the local demo or Redis; choose another "
+                  "port", file=sys.stderr)
             return 2
         if args.floor_api == "aio":
             return asyncio.run(serve_floor_aio(args.serve_floor))
