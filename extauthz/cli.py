@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 from extauthz.config import parse_duration
@@ -15,6 +16,10 @@ from extauthz.errors import ConfigError, JWKSError
 log = logging.getLogger("extauthz")
 
 EXIT_CONFIG = 2
+# Seconds between checks of the signals that `serve` received.
+SIGNAL_POLL_INTERVAL = 0.2
+# Seconds one store command of `revoke` and `revocations` may take.
+ADMIN_STORE_TIMEOUT = 2.0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,25 +31,29 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         service = Service(load_config(args.config))
     except (ConfigError, JWKSError) as exc:
-        log.error("invalid configuration", extra={"error": str(exc)})
         print(f"extauthz: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    stop = threading.Event()
+    # Signal handlers only record the signal. Taking any lock in a handler (logging, Event.set) can
+    # deadlock: the handler runs on the main thread, which may hold that lock at that moment.
+    received: list[int] = []
 
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("signal received", extra={"signal": signal.Signals(signum).name})
-        stop.set()
+    def record_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
 
-    def request_reload(signum: int, _frame: object) -> None:
-        log.info("signal received; reloading", extra={"signal": signal.Signals(signum).name})
-        service.request_reload()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_reload)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, record_signal)
     service.start()
-    stop.wait()
+    stopping = False
+    while not stopping:
+        time.sleep(SIGNAL_POLL_INTERVAL)
+        while received:
+            signum = received.pop(0)
+            log.info("signal received", extra={"signal": signal.Signals(signum).name})
+            if signum == signal.SIGHUP:
+                service.request_reload()
+            else:
+                stopping = True
     service.stop()
     return 0
 
@@ -57,7 +66,10 @@ def _open_shared_store(config_path: str):
     if not config.store.shared:
         raise ConfigError(config_path, "store.url", "memory:// is private to one serve process",
                           "set store.url to the Redis that the replicas share, such as redis://HOST:6379/0")
-    return config, open_store(config.store)
+    # An admin command need not fit inside a Check deadline: allow a slow network its time.
+    admin_store = dataclasses.replace(config.store, timeout=max(config.store.timeout, ADMIN_STORE_TIMEOUT),
+                                      retries=max(config.store.retries, 2))
+    return config, open_store(admin_store)
 
 
 def _revoke(args: argparse.Namespace) -> int:
@@ -220,12 +232,21 @@ def _dev_token(args: argparse.Namespace) -> int:
     from extauthz.dev_idp import sign_user_token
 
     try:
-        token = sign_user_token(
-            Path(args.key), subject=args.sub, issuer=args.issuer, audience=args.aud,
-            auth_age=parse_duration(args.auth_age), acr=args.acr, amr=args.amr or None,
-            lifetime=parse_duration(args.ttl))
+        auth_age = parse_duration(args.auth_age)
+        lifetime = parse_duration(args.ttl)
+    except ValueError as exc:
+        print(f"extauthz dev token: {exc}", file=sys.stderr)
+        return 2
+    key = Path(args.key)
+    if not key.exists():
+        print(f"extauthz dev token: development IdP key not found: {key} (run it from the repository root, "
+              "where make run creates examples/dev-idp/, or pass --key)", file=sys.stderr)
+        return 1
+    try:
+        token = sign_user_token(key, subject=args.sub, issuer=args.issuer, audience=args.aud, auth_age=auth_age,
+                                acr=args.acr, amr=args.amr or None, lifetime=lifetime)
     except (OSError, ValueError) as exc:
-        print(f"extauthz dev token: {exc} (run `extauthz dev idp-keygen` to create the key)", file=sys.stderr)
+        print(f"extauthz dev token: cannot sign with {key}: {exc}", file=sys.stderr)
         return 1
     print(token)
     return 0
@@ -317,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = dev_commands.add_parser("token", help="print an end-user token signed with the development IdP key")
     token.add_argument("--sub", required=True, help="subject (user id)")
-    token.add_argument("--auth-age", default="0s", help="how long ago the user logged in, such as 30s or 2h")
+    token.add_argument("--auth-age", default="0s",
+                       help="how long ago the user logged in, such as 30s or 2h (default: 0s, just now)")
     token.add_argument("--acr", help="authentication context class, such as urn:example:acr:mfa")
     token.add_argument("--amr", action="append", help="authentication method; repeat for several")
     token.add_argument("--aud", default="mesh", help="audience (default: mesh)")

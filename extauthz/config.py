@@ -22,19 +22,20 @@ from extauthz.errors import ConfigError
 VERIFY_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA")
 SIGNING_ALGORITHMS = ("ES256", "EdDSA")
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 def parse_duration(text: object) -> float:
-    """Parse `500ms`, `30s`, `5m` or `6h` into seconds; raise ValueError otherwise."""
+    """Parse `500ms`, `30s`, `5m`, `6h` or a sum such as `1h30m` into seconds; raise ValueError otherwise."""
     if not isinstance(text, str):
-        raise ValueError(f"expected a duration such as 30s, got {text!r}")
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise ValueError(f"invalid duration {text!r}: write a number with ms, s, m or h, such as 30s")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        raise ValueError(f"expected a duration with a unit (ms, s, m or h), such as 30s, got {text!r}")
+    compact = text.strip()
+    if not _DURATION.match(compact):
+        raise ValueError(f"invalid duration {text!r}: write a number with ms, s, m or h, such as 30s or 1h30m")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(compact))
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +454,8 @@ def load_config(path: str | Path) -> Config:
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(source), "", f"cannot read the file: {exc.strerror}", "pass --config FILE") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(source), "", f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,12 @@ def _show(number: int, title: str, path: str, token_label: str | None, result: t
               f" policies={record.get('policies')} decision_id={record.get('decision_id')}")
 
 
+def _print_record(record: dict) -> None:
+    user = f" user={record['user_sub']}" if record.get("user_sub") else ""
+    print(f"   decision: {record.get('decision')} {record.get('status')} {record.get('reason')} "
+          f"{record.get('method', '')} {record.get('host', '')}{record.get('path', '')}{user}")
+
+
 class _DecisionTail:
     """Collects decision records from extauthz's stdout so the demo can print them."""
 
@@ -138,13 +145,16 @@ def run_demo(config_path: Path, keep_running: bool = True) -> int:
 
     processes: list[subprocess.Popen] = []
     echo = None
+    decisions = None
     try:
+        # Own sessions: Ctrl-C reaches only this process, which then stops the others in order.
         server = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--config", str(config_path)],
-                                  stdout=subprocess.PIPE, stderr=server_log)
+                                  stdout=subprocess.PIPE, stderr=server_log, start_new_session=True)
         processes.append(server)
         decisions = _DecisionTail(server.stdout)
         echo = EchoServer(UPSTREAM.host, UPSTREAM.port).start()
-        proxy = subprocess.Popen(envoy_command(envoy, str(envoy_config)), stdout=envoy_log, stderr=envoy_log)
+        proxy = subprocess.Popen(envoy_command(envoy, str(envoy_config)), stdout=envoy_log, stderr=envoy_log,
+                                 start_new_session=True)
         processes.append(proxy)
 
         if not _wait_http(config.listen.http, "/readyz", 20, server):
@@ -155,7 +165,7 @@ def run_demo(config_path: Path, keep_running: bool = True) -> int:
             return 1
 
         print(f"extauthz on {config.listen.grpc} (JWKS at http://{config.listen.http}/.well-known/jwks.json),")
-        print(f"Envoy on {ENVOY}, echo upstream on {UPSTREAM}. Logs: {workdir}/")
+        print(f"Envoy on {ENVOY}, echo upstream on {UPSTREAM}. Logs, removed on exit: {workdir}/")
 
         fresh = sign_user_token(key_path, subject="alice", auth_age=30, acr=MFA, amr=["pwd", "otp"])
         stale = sign_user_token(key_path, subject="alice", auth_age=7200, acr=MFA, amr=["pwd", "otp"])
@@ -172,18 +182,18 @@ def run_demo(config_path: Path, keep_running: bool = True) -> int:
         print(f"   TOKEN=$(.venv/bin/extauthz dev token --sub bob --auth-age 10s --acr {MFA})")
         print(f'   curl -i -H "Authorization: Bearer $TOKEN" http://{ENVOY}{SENSITIVE_PATH}')
         print(f"   curl -i http://{ENVOY}/catalog/items      # ordinary route, no token needed")
-        print(f"Decision records are appended to {workdir / 'decisions.log'}. Press Ctrl-C to stop.")
-        with open(workdir / "decisions.log", "a", encoding="utf-8") as sink:
-            while all(process.poll() is None for process in processes):
-                for record in decisions.take(wait=1.0):
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
+        print("Decision records of your requests are printed below. Press Ctrl-C to stop.")
+        while all(process.poll() is None for process in processes):
+            for record in decisions.take(wait=1.0):
+                _print_record(record)
         print("a process exited; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping")
         return 0
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for process in processes:
             if process.poll() is None:
                 process.terminate()
@@ -192,7 +202,11 @@ def run_demo(config_path: Path, keep_running: bool = True) -> int:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if keep_running and decisions is not None:
+            for record in decisions.take(wait=0.2):
+                _print_record(record)
         if echo is not None:
             echo.stop()
         server_log.close()
         envoy_log.close()
+        shutil.rmtree(workdir, ignore_errors=True)

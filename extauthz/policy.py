@@ -465,6 +465,8 @@ def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float) ->
             documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
         except OSError as exc:
             raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(str(path), "", f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(str(path), "", f"invalid YAML: {exc}") from exc
         for index, document in enumerate(documents):
