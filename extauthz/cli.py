@@ -146,7 +146,8 @@ def _policy_check(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"problems": [problem.as_dict() for problem in problems],
                           "errors": sum(problem.severity == ERROR for problem in problems),
-                          "warnings": sum(problem.severity == WARNING for problem in problems)}, indent=2))
+                          "warnings": sum(problem.severity == WARNING for problem in problems),
+                          "notes": sum(problem.severity == INFO for problem in problems)}, indent=2))
     else:
         for problem in problems:
             print(problem.render())

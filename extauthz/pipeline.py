@@ -14,9 +14,10 @@ Steps, each of which may end the pipeline with a deny:
 A step that needs the shared store and cannot reach it denies with 503 `state_unavailable`, except
 that a route that is neither sensitive nor one-time follows `store.on_error`.
 
-Policies annotated `extauthz.io/mode: dry-run` are evaluated as if enforced, and a deny they would
-cause is recorded as `would_deny` instead: the request is then decided by the enforced policies
-alone, or allowed when every matching policy is in dry-run.
+Policies annotated `extauthz.io/mode: dry-run` do not decide. The enforced policies that match decide
+alone (a request that only dry-run policies match is allowed, and its token gets the default
+settings). Then every matching policy is evaluated as if enforced, with no store write, and a deny
+that this would cause is recorded as `would_deny`.
 
 The policies and the issuers' key sets form one Snapshot, replaced whole on reload. A Check reads
 the snapshot once, so it finishes on the snapshot it started with.
@@ -130,23 +131,28 @@ class Authorizer:
 
         enforced = [policy for policy in policies if not policy.dry_run]
         if len(enforced) == len(policies):
-            self._enforce(policies, request, user, decision, snapshot)
+            requirements = self._enforce(policies, request, user, decision, snapshot, claim=True)
+            decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
             return
 
+        # Some matching policies are in dry-run. The enforced ones decide, and mint with their own
+        # settings (the defaults when none is enforced). Then all of them are evaluated once more,
+        # with no side effect, to record what enforcing the dry-run policies would change.
+        requirements = Requirements()
+        if enforced:
+            requirements = self._enforce(enforced, request, user, decision, snapshot, claim=True)
         try:
-            self._enforce(policies, request, user, decision, snapshot)
-            return
+            self._enforce(policies, request, user, decision, snapshot, claim=False)
         except DenyError as would:
             decision.would_deny = would
-        decision.degraded = decision.retry = False
-        if enforced:
-            self._enforce(enforced, request, user, decision, snapshot)
-            return
-        decision.allow(self.minter.mint(decision.decision_id, request, user, _token_settings(policies)))
+        decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
 
     def _enforce(self, policies: Sequence[Policy], request: HttpRequest, user: EndUser | None,
-                 decision: Decision, snapshot: Snapshot) -> None:
-        """Apply the requirements of `policies` to the request: mint and allow, or raise DenyError."""
+                 decision: Decision, snapshot: Snapshot, *, claim: bool) -> Requirements:
+        """Apply the requirements of `policies`; return them, or raise DenyError.
+
+        With `claim`, a one-time token is claimed in the store; without it nothing is written.
+        """
         requirements = combine_requirements(policies)
 
         if requirements.require_user and user is None:
@@ -156,7 +162,7 @@ class Authorizer:
             self._check_revocation(user, requirements, decision)
             check_authentication(user, requirements, now)
 
-        if requirements.one_time_token:
+        if requirements.one_time_token and claim:
             assert user is not None
             leeway = snapshot.verifier.issuers[user.issuer].config.leeway
             try:
@@ -164,8 +170,7 @@ class Authorizer:
             except StoreError as exc:
                 self._log_store_error("claim", "one-time token claim failed", exc, decision)
                 raise DenyError("state_unavailable", "one-time token claim failed") from exc
-
-        decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
+        return requirements
 
     def _log_store_error(self, operation: str, message: str, error: StoreError, decision: Decision) -> None:
         self.store_errors += 1
@@ -185,10 +190,3 @@ class Authorizer:
             # store.on_error: allow_standard. Every check that needs no store still applies.
             decision.degraded = True
 
-
-def _token_settings(policies: Sequence[Policy]) -> Requirements:
-    """Return the token settings of dry-run policies, or the defaults when they conflict."""
-    try:
-        return combine_requirements(policies)
-    except DenyError:
-        return Requirements()

@@ -349,7 +349,8 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
         try:
             seconds = parse_duration(settings[short])
         except ValueError as exc:
-            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", str(exc)) from exc
+            raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", str(exc),
+                               'quote a duration with a unit, such as "5m" or "30s"') from exc
         if seconds < 1:
             raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}{short}]", "must be at least 1s",
                                "JWT dates count whole seconds")

@@ -101,7 +101,8 @@ def _check_document(path: Path, index: int, document: object, provider: str, tok
     provider_name = (spec.get("provider") or {}).get("name") if isinstance(spec.get("provider"), dict) else None
     if spec.get("action") == "CUSTOM" and provider_name != provider:
         return [Problem(INFO, file, index, "spec.provider.name",
-                        f"CUSTOM policy for provider {provider_name!r}, not {provider!r}: extauthz ignores it")]
+                        f"CUSTOM policy for provider {provider_name!r}, not {provider!r}: extauthz ignores it",
+                        f"set spec.provider.name to {provider!r} if extauthz should enforce it")]
 
     # A cap below the requested TTL is a warning here; parse it with no cap so it is not reported twice.
     try:
@@ -143,6 +144,15 @@ def _exact_values(values: object) -> set[str]:
     return {value for value in values if isinstance(value, str) and "*" not in value and "{" not in value}
 
 
+def _all_excluded(values: object, excluded: object) -> bool:
+    """Return True when every entry of `values` is an exact value that `excluded` also lists."""
+    if not isinstance(values, list) or not values:
+        return False
+    allowed = _exact_values(values)
+    # A wildcard or template value still allows requests that no exact excluded value names.
+    return allowed == set(values) and allowed <= _exact_values(excluded)
+
+
 def _check_rules(file: str, index: int, spec: dict[str, Any]) -> list[Problem]:
     rules = spec.get("rules")
     if not rules:
@@ -159,16 +169,13 @@ def _check_rules(file: str, index: int, spec: dict[str, Any]) -> list[Problem]:
                     if name.startswith("not"):
                         continue
                     negated = "not" + name[0].upper() + name[1:]
-                    both = _exact_values(values) & _exact_values(fields.get(negated))
-                    if both and _exact_values(values) <= both:
+                    if _all_excluded(values, fields.get(negated)):
                         problems.append(Problem(
                             WARNING, file, index, f"{prefix}.{section}[{entry_index}].{inner}.{negated}",
-                            f"excludes every value that {name} allows ({', '.join(sorted(both))}), "
+                            f"excludes every value that {name} allows ({', '.join(sorted(set(values)))}), "
                             "so the rule can never match", f"remove them from {negated}"))
         for condition_index, condition in enumerate(rule.get("when") or []):
-            values = _exact_values((condition or {}).get("values"))
-            excluded = _exact_values((condition or {}).get("notValues"))
-            if values and values <= excluded:
+            if _all_excluded((condition or {}).get("values"), (condition or {}).get("notValues")):
                 problems.append(Problem(WARNING, file, index, f"{prefix}.when[{condition_index}].notValues",
                                         "excludes every value that values allows, so the rule can never match",
                                         "remove them from notValues"))

@@ -145,7 +145,7 @@ class Service:
         start-up, but makes a reload fail.
         """
         issuers: dict[str, IssuerKeys] = {}
-        for issuer in config.issuers:
+        for index, issuer in enumerate(config.issuers):
             existing = current.get(issuer.issuer)
             if existing is not None and existing.config == issuer:
                 issuers[issuer.issuer] = existing
@@ -154,9 +154,11 @@ class Service:
             try:
                 keys.load()
             except JWKSError as exc:
-                raise ConfigError(str(config.source), "issuers", str(exc)) from exc
+                raise ConfigError(str(config.source), f"issuers[{index}].jwks_file", str(exc),
+                                  "write the issuer's public keys there as a JWKS JSON document") from exc
             if fetch_must_succeed and not keys.loaded:
-                raise ConfigError(str(config.source), "issuers", f"cannot fetch the JWKS of {issuer.issuer}",
+                raise ConfigError(str(config.source), f"issuers[{index}].jwks_uri",
+                                  f"cannot fetch the JWKS of {issuer.issuer}",
                                   "check jwks_uri and that the issuer is reachable")
             issuers[issuer.issuer] = keys
         return issuers
@@ -185,7 +187,8 @@ class Service:
     def _watch_files(self) -> None:
         while not self._stopping.is_set():
             requested = self._reload_requested.wait(timeout=RELOAD_POLL_INTERVAL)
-            self._reload_requested.clear()
+            if requested:
+                self._reload_requested.clear()
             if self._stopping.is_set():
                 return
             try:
@@ -208,7 +211,9 @@ class Service:
                 config = load_config(self.config.source)
                 policies = load_policy_set(config)
                 issuer_keys = self._load_issuers(config, self.issuer_keys, fetch_must_succeed=True)
-            except (ConfigError, JWKSError) as exc:
+            # A file that is not UTF-8 raises UnicodeDecodeError rather than ConfigError. Uncaught, it would
+            # end the watcher thread and with it every later reload.
+            except (ConfigError, JWKSError, UnicodeDecodeError) as exc:
                 self.metrics.policy_reloads.labels("failure").inc()
                 log.error("reload rejected; the previous configuration keeps serving", extra={"error": str(exc)})
                 return False
