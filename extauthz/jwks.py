@@ -17,12 +17,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jwt
 from jwt.api_jwk import PyJWK
 
-from extauthz.config import IssuerConfig
 from extauthz.errors import JWKSError
+
+if TYPE_CHECKING:
+    # Only for type hints: extauthz.verify reuses this module in backends that lack the server's packages.
+    from extauthz.config import IssuerConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,21 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def fetch_jwks(uri: str, timeout: float, ca_file: Path | None = None) -> bytes:
+    """GET a JWKS document over HTTPS, following only https:// redirects; raise JWKSError."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    request = urllib.request.Request(uri, headers={"Accept": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _HttpsOnlyRedirects())
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            data = response.read(MAX_JWKS_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise JWKSError(f"{uri}: fetch failed: {exc}") from exc
+    if len(data) > MAX_JWKS_BYTES:
+        raise JWKSError(f"{uri}: larger than {MAX_JWKS_BYTES} bytes")
+    return data
+
+
 class IssuerKeys:
     """The current key set of one issuer, thread-safe to read."""
 
@@ -167,18 +187,7 @@ class IssuerKeys:
         return True
 
     def _fetch(self, uri: str) -> bytes:
-        context = ssl.create_default_context(
-            cafile=str(self.config.jwks_ca_file) if self.config.jwks_ca_file else None)
-        request = urllib.request.Request(uri, headers={"Accept": "application/json"})
-        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _HttpsOnlyRedirects())
-        try:
-            with opener.open(request, timeout=self.config.jwks_timeout) as response:
-                data = response.read(MAX_JWKS_BYTES + 1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise JWKSError(f"{uri}: fetch failed: {exc}") from exc
-        if len(data) > MAX_JWKS_BYTES:
-            raise JWKSError(f"{uri}: larger than {MAX_JWKS_BYTES} bytes")
-        return data
+        return fetch_jwks(uri, self.config.jwks_timeout, self.config.jwks_ca_file)
 
     def key_set(self) -> KeySet | None:
         return self._keys
