@@ -842,3 +842,13 @@ def test_revoke_reaches_mesh(tmp_path, idp, certificates):
         redis_server.stop()
     assert reply.status == 401
     assert reply.json()["error"] == "token_revoked"
+
+
+@pytest.mark.parametrize("folder", ["istio", "examples/policies"])
+def test_shipped_policies_pass_check(folder):
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "extauthz", "policy", "check", "--format", "json", str(root / folder)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    report = json.loads(result.stdout)
+    assert report["problems"] == []
+    assert result.returncode == 0
