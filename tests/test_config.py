@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import yaml
 from helpers import AUDIENCE, ISSUER, TOKEN_ISSUER, write_config
 
 from extauthz.config import Address, load_config, parse_duration
+from extauthz.dev_idp import generate_idp_keys
 from extauthz.errors import ConfigError
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "config.yaml"
@@ -70,9 +72,12 @@ def test_non_string_duration_rejected(value):
 # --- valid configurations ----------------------------------------------------------------------------
 
 
-def test_example_config_loads():
-    config = load_config(EXAMPLE_CONFIG)
-    folder = EXAMPLE_CONFIG.parent
+def test_example_config_loads(tmp_path):
+    # A copy, with the development IdP keys that `make run` would generate: a fresh clone has none.
+    folder = tmp_path / "examples"
+    shutil.copytree(EXAMPLE_CONFIG.parent, folder, ignore=shutil.ignore_patterns("dev-idp"))
+    generate_idp_keys(folder / "dev-idp")
+    config = load_config(folder / EXAMPLE_CONFIG.name)
     assert config.issuers[0].issuer == "https://idp.example.test"
     assert config.issuers[0].jwks_file == folder / "dev-idp" / "jwks.json"
     assert config.issuers[0].max_token_lifetime == 3600.0
