@@ -132,12 +132,14 @@ def _policy_check(args: argparse.Namespace) -> int:
     from extauthz.config import load_config
     from extauthz.policy_check import ERROR, INFO, WARNING, UnusableInput, check_policies
 
-    provider, cap, root = args.provider, 30.0, "istio-system"
+    provider, cap, root, secret_names = args.provider, 30.0, "istio-system", None
     try:
         if args.config:
             config = load_config(args.config)
             provider, cap, root = config.policies.provider, config.token.ttl, config.policies.root_namespace
-        problems = check_policies([Path(path) for path in args.paths], provider or "extauthz", cap, root)
+            secret_names = frozenset(secret.name for secret in config.secrets)
+        problems = check_policies([Path(path) for path in args.paths], provider or "extauthz", cap, root,
+                                  secret_names)
     except (ConfigError, UnusableInput) as exc:
         print(f"extauthz policy check: {exc}", file=sys.stderr)
         return 2
@@ -298,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = policy_commands.add_parser("check", help="report every problem in AuthorizationPolicy files")
     check.add_argument("paths", nargs="+", help="policy files or folders")
-    check.add_argument("--config", help="read provider, root namespace and the token.ttl cap from this config")
+    check.add_argument("--config",
+                       help="read provider, root namespace, the token.ttl cap and secret names from this config")
     check.add_argument("--provider", default="extauthz", help="provider name when --config is not given")
     check.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     check.set_defaults(run=_policy_check)

@@ -129,6 +129,15 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretConfig:
+    """Where one named secret comes from: a file (re-read when it changes) or an environment variable."""
+
+    name: str
+    file: Path | None
+    env: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     listen: ListenConfig
@@ -139,6 +148,7 @@ class Config:
     limits: LimitsConfig
     server: ServerConfig
     store: StoreConfig
+    secrets: tuple[SecretConfig, ...] = ()
 
 
 class _Section:
@@ -435,6 +445,30 @@ def _store(top: _Section) -> StoreConfig:
     return store
 
 
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _secrets(top: _Section) -> tuple[SecretConfig, ...]:
+    section = top.section("secrets")
+    secrets = []
+    for name in section.data:
+        section.known.add(name)
+        if not isinstance(name, str) or not _SECRET_NAME.match(name):
+            raise section.error(str(name), "invalid secret name",
+                                "use letters, digits, '.', '_' and '-', starting with a letter or digit")
+        entry = _Section(section.source, section.base, section.path(name), section.data[name])
+        file = entry.file_path("file", hint="mount the secret there, or fix the path")
+        env = entry.raw("env", None)
+        if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
+            raise entry.error("env", f"invalid environment variable name {env!r}")
+        if (file is None) == (env is None):
+            raise entry.error("file", "set exactly one of file and env")
+        entry.finish()
+        secrets.append(SecretConfig(name=name, file=file, env=env))
+    return tuple(secrets)
+
+
 _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "listen": _listen,
     "issuers": _issuers,
@@ -444,6 +478,7 @@ _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "limits": _limits,
     "server": _server,
     "store": _store,
+    "secrets": _secrets,
 }
 
 

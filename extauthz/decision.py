@@ -28,6 +28,10 @@ class Decision:
     degraded: bool = False
     # The Check repeated an earlier one whose one-time token claim it shares (an Envoy retry).
     retry: bool = False
+    # Upstream headers that carry injected secrets, as (header, value). Never logged: the decision
+    # record names the secrets from `injected_secrets` instead.
+    injected_headers: list[tuple[str, str]] = field(default_factory=list)
+    injected_secrets: list[str] = field(default_factory=list)
     # The deny that dry-run policies would have caused; the request was decided without it.
     would_deny: DenyError | None = None
     duration: float = 0.0
@@ -53,3 +57,5 @@ class Decision:
         self.description = error.description
         self.error = error
         self.minted = None
+        self.injected_headers = []
+        self.injected_secrets = []

@@ -69,6 +69,8 @@ def build_record(decision: Decision) -> dict[str, Any]:
         record["token_exp"] = minted.expires_at
         record["token_kid"] = minted.kid
 
+    if decision.injected_secrets:
+        record["injected_secrets"] = list(decision.injected_secrets)
     if decision.would_deny is not None:
         record["would_deny_reason"] = decision.would_deny.code
         record["would_deny_status"] = REASONS[decision.would_deny.code].status

@@ -37,6 +37,7 @@ _REASON_LIST = [
     Reason("non_http_request", 403, None, "Only HTTP requests can be authorized."),
     Reason("internal_error", 500, None, "The authorization server failed."),
     Reason("state_unavailable", 503, None, "The authorization state store is unavailable."),
+    Reason("secret_unavailable", 503, None, "A credential for the upstream is unavailable."),
 ]
 
 REASONS: dict[str, Reason] = {reason.code: reason for reason in _REASON_LIST}

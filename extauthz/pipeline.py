@@ -9,7 +9,8 @@ Steps, each of which may end the pipeline with a deny:
 5. demand an end-user token where required (401), reject revoked tokens (401), and demand a fresh,
    strong login on sensitive routes (401 with the RFC 9470 challenge);
 6. claim a one-time token (401 on a replay);
-7. mint the per-request token and allow.
+7. resolve the secrets to inject upstream (503 when one has no value), mint the per-request token
+   and allow.
 
 A step that needs the shared store and cannot reach it denies with 503 `state_unavailable`, except
 that a route that is neither sensitive nor one-time follows `store.on_error`.
@@ -44,6 +45,7 @@ from extauthz.reauth import check_authentication
 from extauthz.replay import ReplayGuard
 from extauthz.request import HttpRequest, from_check_request, read_peer
 from extauthz.revocation import RevocationList
+from extauthz.secrets import Secrets, SecretUnavailable
 from extauthz.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ class Authorizer:
     def __init__(self, *, verifier: TokenVerifier, policies: PolicySet, minter: TokenMinter,
                  decision_log: DecisionLog, revocations: RevocationList, replay: ReplayGuard,
                  on_store_error: str, max_token_bytes: int, max_path_bytes: int,
-                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time):
+                 metrics: Metrics | None = None, secrets: Secrets | None = None,
+                 clock: Callable[[], float] = time.time):
         self.snapshot = Snapshot(policies, verifier)
         self.revocations = revocations
         self.replay = replay
@@ -72,6 +75,7 @@ class Authorizer:
         self.max_token_bytes = max_token_bytes
         self.max_path_bytes = max_path_bytes
         self.metrics = metrics or Metrics()
+        self.secrets = secrets or Secrets(())
         self.clock = clock
         self.store_errors = 0
         self._last_store_error_log = 0.0
@@ -132,7 +136,7 @@ class Authorizer:
         enforced = [policy for policy in policies if not policy.dry_run]
         if len(enforced) == len(policies):
             requirements = self._enforce(policies, request, user, decision, snapshot, claim=True)
-            decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
+            self._allow(decision, request, user, requirements)
             return
 
         # Some matching policies are in dry-run. The enforced ones decide, and mint with their own
@@ -145,7 +149,20 @@ class Authorizer:
             self._enforce(policies, request, user, decision, snapshot, claim=False)
         except DenyError as would:
             decision.would_deny = would
+        self._allow(decision, request, user, requirements)
+
+    def _allow(self, decision: Decision, request: HttpRequest, user: EndUser | None,
+               requirements: Requirements) -> None:
+        """Resolve the injected secrets, mint the per-request token and allow."""
+        injected = []
+        for injection in requirements.injections:
+            try:
+                injected.append((injection.header, injection.render(self.secrets.get(injection.secret))))
+            except SecretUnavailable as exc:
+                raise DenyError("secret_unavailable", f"secret {injection.secret} has no value") from exc
         decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
+        decision.injected_headers = injected
+        decision.injected_secrets = [injection.secret for injection in requirements.injections]
 
     def _enforce(self, policies: Sequence[Policy], request: HttpRequest, user: EndUser | None,
                  decision: Decision, snapshot: Snapshot, *, claim: bool) -> Requirements:

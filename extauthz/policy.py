@@ -22,6 +22,7 @@ workload labels, so it accepts and ignores them.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import difflib
 import ipaddress
@@ -44,7 +45,11 @@ log = logging.getLogger(__name__)
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 ANNOTATION_PREFIX = "extauthz.io/"
 ANNOTATIONS = ("reauth-max-age", "acr-values", "require-user", "token-audience", "token-scope", "token-ttl",
-               "one-time-token", "mode")
+               "one-time-token", "mode", "inject-secret", "inject-header", "inject-format")
+# Headers a secret may not be injected into: the request's routing, and what Envoy or extauthz own.
+_PROTECTED_HEADERS = frozenset(("host", "content-length", "transfer-encoding", "connection", "te", "upgrade",
+                                "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-envoy-original-path"))
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+\Z")
 
 _SOURCE_FIELDS = {
     "principals": "principal", "notPrincipals": "principal",
@@ -135,6 +140,21 @@ def _in_networks(address: str, networks: tuple) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class Injection:
+    """A secret to put into an upstream request header on allow: `format` with `{secret}` replaced,
+    or `basic` for HTTP Basic credentials from a secret holding `user:password`."""
+
+    secret: str
+    header: str
+    format: str = "{secret}"
+
+    def render(self, value: str) -> str:
+        if self.format == "basic":
+            return "Basic " + base64.b64encode(value.encode()).decode()
+        return self.format.replace("{secret}", value)
+
+
+@dataclass(frozen=True, slots=True)
 class Requirements:
     """What matching policies demand of a request, and how to mint its token."""
 
@@ -146,6 +166,7 @@ class Requirements:
     token_scope: frozenset[str] | None = None
     token_ttl: float | None = None
     one_time_token: bool = False
+    injections: tuple[Injection, ...] = ()
 
     @property
     def sensitive(self) -> bool:
@@ -327,7 +348,38 @@ def _list(reader: _Reader, value: object, field: str) -> list[Any]:
     return value
 
 
-def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: float) -> Requirements:
+def _injection(reader: _Reader, settings: dict[str, str], secret_names: frozenset[str] | None) -> Injection | None:
+    keys = [key for key in ("inject-secret", "inject-header", "inject-format") if key in settings]
+    if not keys:
+        return None
+
+    def field(short: str) -> str:
+        return f"metadata.annotations[{ANNOTATION_PREFIX}{short}]"
+
+    secret = settings.get("inject-secret")
+    header = settings.get("inject-header", "").lower()
+    if not secret:
+        raise reader.error(field("inject-secret"), "missing", "name the secret to inject, from `secrets:`")
+    if not header:
+        raise reader.error(field("inject-header"), "missing", "name the upstream header, such as x-api-key")
+    if secret_names is not None and secret not in secret_names:
+        close = difflib.get_close_matches(secret, sorted(secret_names), n=1)
+        raise reader.error(field("inject-secret"), f"unknown secret {secret!r}",
+                           f"did you mean {close[0]!r}?" if close else "define it under secrets: in the configuration")
+    if not _HEADER_NAME.match(header) or header in _PROTECTED_HEADERS or header.startswith(":"):
+        raise reader.error(field("inject-header"), f"a secret cannot be injected into {header!r}",
+                           "use an ordinary request header, such as authorization or x-api-key")
+    template = settings.get("inject-format", "{secret}")
+    if template != "basic" and template.count("{secret}") != 1:
+        raise reader.error(field("inject-format"), f"invalid format {template!r}",
+                           'use a text with {secret} once, such as "Bearer {secret}", or "basic"')
+    if any(char in template for char in "\r\n\0"):
+        raise reader.error(field("inject-format"), "line breaks and NUL are not allowed")
+    return Injection(secret=secret, header=header, format=template)
+
+
+def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: float,
+                  secret_names: frozenset[str] | None = None) -> Requirements:
     settings: dict[str, str] = {}
     for name, value in annotations.items():
         if not isinstance(name, str) or not name.startswith(ANNOTATION_PREFIX):
@@ -388,6 +440,7 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
     if scope is not None and not scope.split():
         raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}token-scope]", "empty",
                            "list space-separated scopes, or drop the annotation")
+    injection = _injection(reader, settings, secret_names)
     requirements = Requirements(
         reauth_max_age=duration("reauth-max-age"),
         acr_values=acr_values,
@@ -395,14 +448,19 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
         token_scope=frozenset(scope.split()) if scope is not None else None,
         token_ttl=token_ttl,
         one_time_token=one_time_token,
+        injections=(injection,) if injection else (),
     )
     # A sensitive or one-time-token route implies an end-user token.
     return dataclasses.replace(requirements,
                                require_user=require_user or one_time_token or requirements.sensitive)
 
 
-def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl_cap: float) -> Policy | None:
-    """Return the policy in one YAML document, or None when it is not a CUSTOM policy for `provider`."""
+def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl_cap: float,
+                 secret_names: frozenset[str] | None = None) -> Policy | None:
+    """Return the policy in one YAML document, or None when it is not a CUSTOM policy for `provider`.
+
+    With `secret_names`, an injected secret must be one of them; None skips that check.
+    """
     reader = _Reader(origin)
     if document.get("kind") != "AuthorizationPolicy":
         return None
@@ -432,7 +490,7 @@ def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl
     rules = tuple(_rule(reader, item, f"spec.rules[{index}]")
                   for index, item in enumerate(_list(reader, spec.get("rules"), "spec.rules")))
     annotations = reader.mapping(metadata.get("annotations"), "metadata.annotations")
-    requirements = _requirements(reader, annotations, token_ttl_cap)
+    requirements = _requirements(reader, annotations, token_ttl_cap, secret_names)
     mode = annotations.get(ANNOTATION_PREFIX + "mode", "enforce")
     if mode not in ("enforce", "dry-run"):
         raise reader.error(f"metadata.annotations[{ANNOTATION_PREFIX}mode]", f"invalid value {mode!r}",
@@ -457,7 +515,8 @@ def policy_files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float) -> list[Policy]:
+def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float,
+                  secret_names: frozenset[str] | None = None) -> list[Policy]:
     """Load every CUSTOM policy for `provider` from files and folders; raise ConfigError on any error."""
     policies: list[Policy] = []
     seen: dict[str, str] = {}
@@ -476,7 +535,7 @@ def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float) ->
             origin = f"{path}#{index}"
             if not isinstance(document, dict):
                 raise ConfigError(origin, "", "expected a Kubernetes object")
-            policy = parse_policy(document, origin, provider, token_ttl_cap)
+            policy = parse_policy(document, origin, provider, token_ttl_cap, secret_names)
             if policy is None:
                 continue
             if policy.key in seen:
@@ -610,8 +669,9 @@ class PolicySet:
 def combine_requirements(policies: Iterable[Policy]) -> Requirements:
     """Merge the requirements of every matching policy: the strictest of each kind wins.
 
-    The shortest max age and TTL, every acr set, and the intersection of scopes win. Policies that
-    name different token audiences cannot all be honoured, so they raise DenyError(policy_conflict).
+    The shortest max age and TTL, every acr set, the intersection of scopes and every injection win.
+    Policies that name different token audiences, or inject different values into one header, cannot
+    all be honoured, so they raise DenyError(policy_conflict).
     """
     require_user = False
     max_age: float | None = None
@@ -620,10 +680,15 @@ def combine_requirements(policies: Iterable[Policy]) -> Requirements:
     scope: frozenset[str] | None = None
     ttl: float | None = None
     one_time_token = False
+    injections: dict[str, Injection] = {}
     for policy in policies:
         wanted = policy.requirements
         require_user = require_user or wanted.require_user
         one_time_token = one_time_token or wanted.one_time_token
+        for injection in wanted.injections:
+            if injections.setdefault(injection.header, injection) != injection:
+                raise DenyError("policy_conflict", f"matching policies inject different values into "
+                                                   f"{injection.header}")
         if wanted.reauth_max_age is not None:
             max_age = wanted.reauth_max_age if max_age is None else min(max_age, wanted.reauth_max_age)
         acr_values.extend(values for values in wanted.acr_values if values not in acr_values)
@@ -646,4 +711,5 @@ def combine_requirements(policies: Iterable[Policy]) -> Requirements:
         token_scope=scope,
         token_ttl=ttl,
         one_time_token=one_time_token,
+        injections=tuple(injections.values()),
     )

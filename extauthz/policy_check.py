@@ -61,7 +61,7 @@ class _Checked:
 
 
 def check_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float,
-                   root_namespace: str = "istio-system") -> list[Problem]:
+                   root_namespace: str = "istio-system", secret_names: frozenset[str] | None = None) -> list[Problem]:
     """Return every problem found in the policy files under `paths`; raise UnusableInput."""
     problems: list[Problem] = []
     checked: list[_Checked] = []
@@ -80,14 +80,14 @@ def check_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float,
                                     "fix the YAML syntax"))
             continue
         for index, document in enumerate(documents):
-            problems.extend(_check_document(path, index, document, provider, token_ttl_cap, checked))
+            problems.extend(_check_document(path, index, document, provider, token_ttl_cap, checked, secret_names))
 
     problems.extend(_check_across(checked, root_namespace))
     return problems
 
 
 def _check_document(path: Path, index: int, document: object, provider: str, token_ttl_cap: float,
-                    checked: list[_Checked]) -> list[Problem]:
+                    checked: list[_Checked], secret_names: frozenset[str] | None = None) -> list[Problem]:
     file = str(path)
     if document is None:
         return []
@@ -106,7 +106,7 @@ def _check_document(path: Path, index: int, document: object, provider: str, tok
 
     # A cap below the requested TTL is a warning here; parse it with no cap so it is not reported twice.
     try:
-        policy = parse_policy(document, f"{file}#{index}", provider, float("inf"))
+        policy = parse_policy(document, f"{file}#{index}", provider, float("inf"), secret_names)
     except ConfigError as exc:
         return [Problem(ERROR, file, index, exc.key, exc.message, exc.fix)]
     if policy is None:

@@ -60,12 +60,15 @@ def _metadata(decision: Decision) -> struct_pb2.Struct:
 def build_check_response(decision: Decision, token_header: str) -> external_auth_pb2.CheckResponse:
     if decision.allowed:
         assert decision.minted is not None
+        headers = [_header(token_header, decision.minted.token)]
+        headers.extend(_header(name, value) for name, value in decision.injected_headers)
+        # The caller's credential never passes, unless a secret replaces it in the same header
+        # (Envoy applies headers_to_remove after the headers it sets).
+        injected = {name for name, _ in decision.injected_headers}
+        removed = [name for name in ("authorization",) if name not in injected]
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_header(token_header, decision.minted.token)],
-                headers_to_remove=["authorization"],
-            ),
+            ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=removed),
             dynamic_metadata=_metadata(decision),
         )
 

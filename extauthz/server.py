@@ -34,6 +34,7 @@ from extauthz.pipeline import Authorizer
 from extauthz.policy import PolicySet, load_policies, policy_files
 from extauthz.replay import ReplayGuard
 from extauthz.revocation import RevocationList
+from extauthz.secrets import Secrets
 from extauthz.servicer import AuthorizationServicer
 from extauthz.store import KeyNames, Store, StoreError, open_store
 
@@ -43,12 +44,15 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 # How often the config and policy files are checked for changes, in seconds.
 RELOAD_POLL_INTERVAL = 1.0
 # Configuration sections that a reload does not apply.
-RESTART_SECTIONS = ("listen", "token", "decision_log", "limits", "server", "store")
+RESTART_SECTIONS = ("listen", "token", "decision_log", "limits", "server", "store", "secrets")
 
 
-def load_policy_set(config: Config) -> PolicySet:
-    policies = PolicySet(load_policies(config.policies.paths, config.policies.provider, config.token.ttl),
-                         config.policies.root_namespace)
+def load_policy_set(config: Config, secret_names: frozenset[str] | None = None) -> PolicySet:
+    """Load the configured policies; injected secrets must be among `secret_names` (default: the config's)."""
+    if secret_names is None:
+        secret_names = frozenset(secret.name for secret in config.secrets)
+    policies = PolicySet(load_policies(config.policies.paths, config.policies.provider, config.token.ttl,
+                                       secret_names), config.policies.root_namespace)
     if not len(policies):
         log.warning("no CUSTOM policy for this provider was found: every request will be denied",
                     extra={"provider": config.policies.provider})
@@ -57,7 +61,8 @@ def load_policy_set(config: Config) -> PolicySet:
 
 def build_authorizer(config: Config, decision_log: DecisionLog,
                      issuer_keys: dict[str, IssuerKeys] | None = None,
-                     store: Store | None = None, metrics: Metrics | None = None) -> tuple[Authorizer, KeyRing]:
+                     store: Store | None = None, metrics: Metrics | None = None,
+                     secrets: Secrets | None = None) -> tuple[Authorizer, KeyRing]:
     """Load policies, issuers' key sets and signing keys, and open the store.
 
     Raises ConfigError, JWKSError or StoreError when one of them cannot be set up.
@@ -83,6 +88,7 @@ def build_authorizer(config: Config, decision_log: DecisionLog,
         max_token_bytes=config.limits.max_token_bytes,
         max_path_bytes=config.limits.max_path_bytes,
         metrics=metrics,
+        secrets=secrets if secrets is not None else Secrets(config.secrets, str(config.source)),
     )
     return authorizer, key_ring
 
@@ -99,8 +105,9 @@ class Service:
             self.store = open_store(config.store)
         except StoreError as exc:
             raise ConfigError(str(config.source), "store", str(exc)) from exc
+        self.secrets = Secrets(config.secrets, str(config.source))
         self.authorizer, self.key_ring = build_authorizer(config, self.decision_log, self.issuer_keys, self.store,
-                                                          self.metrics)
+                                                          self.metrics, self.secrets)
         self.revocations = self.authorizer.revocations
         self.key_directory = KeyDirectory(self.store, self.key_ring)
         self.draining = False
@@ -209,7 +216,8 @@ class Service:
         with self._reload_lock:
             try:
                 config = load_config(self.config.source)
-                policies = load_policy_set(config)
+                # Secrets load only at start-up, so policies may inject only the secrets loaded then.
+                policies = load_policy_set(config, self.secrets.names)
                 issuer_keys = self._load_issuers(config, self.issuer_keys, fetch_must_succeed=True)
             # A file that is not UTF-8 raises UnicodeDecodeError rather than ConfigError. Uncaught, it would
             # end the watcher thread and with it every later reload.
@@ -264,6 +272,7 @@ class Service:
             keys.start()
         self.revocations.sync()
         self.revocations.start()
+        self.secrets.start()
         self.key_directory.start()
         self.grpc_server.start()
         self._watcher.start()
@@ -295,6 +304,7 @@ class Service:
         for keys in self.issuer_keys.values():
             keys.stop()
         self.revocations.stop()
+        self.secrets.stop()
         self.key_directory.stop()
         self.store.close()
         self.decision_log.close()
