@@ -10,6 +10,10 @@ path, inode, size and modification time every second, so the symlink swap that K
 when a mounted Secret is rotated counts as a change. One trailing newline is removed. A file that
 cannot be read keeps its last value, and the error is logged. An environment variable is read once.
 
+An empty value is rejected, and so is a value with a line break or another control character other
+than HTAB, because Envoy would reject every request that carries it with status 503. At start-up
+that is a ConfigError, and after a change the last value stays, as for an unreadable file.
+
 Values live only in this process's memory. They are never logged or put into a decision record, an
 error message or a metric label: those name the secret, never its value.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,10 +34,26 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
 MAX_SECRET_BYTES = 64 * 1024
+# Control characters other than HTAB, invalid in a header value (RFC 9110, section 5.5). Envoy rejects an
+# injected header value that contains one, and returns 503 to the caller.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class SecretUnavailable(Exception):
     """A secret that has no value: its file never loaded. The message names it, never a value."""
+
+
+class InvalidSecretValue(ValueError):
+    """A value that cannot go into a header. The message describes the problem, never the value."""
+
+
+def _check_value(text: str) -> str:
+    if not text:
+        # An empty credential is never meant; it also shows a file read mid-rewrite.
+        raise InvalidSecretValue("is empty")
+    if _CONTROL_CHARACTERS.search(text):
+        raise InvalidSecretValue("contains a line break or another control character")
+    return text
 
 
 def _file_state(path: Path) -> tuple[str, int, int, int]:
@@ -44,11 +65,13 @@ def _file_state(path: Path) -> tuple[str, int, int, int]:
 def _read_file(path: Path) -> str:
     data = path.read_bytes()
     if len(data) > MAX_SECRET_BYTES:
-        raise ValueError(f"larger than {MAX_SECRET_BYTES} bytes")
+        raise InvalidSecretValue(f"is larger than {MAX_SECRET_BYTES} bytes")
     text = data.decode("utf-8")
     if text.endswith("\r\n"):
-        return text[:-2]
-    return text[:-1] if text.endswith("\n") else text
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    return _check_value(text)
 
 
 class Secrets:
@@ -67,12 +90,21 @@ class Secrets:
                     raise ConfigError(source, f"secrets.{config.name}.env",
                                       f"environment variable {config.env} is not set",
                                       "set it in extauthz's environment, or use a file source")
-                self._values[config.name] = value
+                try:
+                    self._values[config.name] = _check_value(value)
+                except InvalidSecretValue as exc:
+                    raise ConfigError(source, f"secrets.{config.name}.env",
+                                      f"environment variable {config.env} {exc}",
+                                      "remove the character, such as a newline at the end of a value copied "
+                                      "from a file") from None
                 continue
             assert config.file is not None
             try:
                 self._states[config.name] = _file_state(config.file)
                 self._values[config.name] = _read_file(config.file)
+            except InvalidSecretValue as exc:
+                raise ConfigError(source, f"secrets.{config.name}.file", f"{config.file} {exc}",
+                                  "write only the value, because extauthz removes just one trailing newline") from exc
             except (OSError, ValueError) as exc:
                 raise ConfigError(source, f"secrets.{config.name}.file", f"cannot read {config.file}: "
                                   f"{type(exc).__name__}", "mount the secret there, or fix the path") from exc

@@ -51,8 +51,14 @@ def load_policy_set(config: Config, secret_names: frozenset[str] | None = None) 
     """Load the configured policies; injected secrets must be among `secret_names` (default: the config's)."""
     if secret_names is None:
         secret_names = frozenset(secret.name for secret in config.secrets)
-    policies = PolicySet(load_policies(config.policies.paths, config.policies.provider, config.token.ttl,
-                                       secret_names), config.policies.root_namespace)
+    loaded = load_policies(config.policies.paths, config.policies.provider, config.token.ttl, secret_names)
+    for policy in loaded:
+        for injection in policy.requirements.injections:
+            if injection.header == config.token.header:
+                raise ConfigError(policy.origin, "metadata.annotations[extauthz.io/inject-header]",
+                                  f"{injection.header} carries the minted token (token.header)",
+                                  "inject the secret into another header")
+    policies = PolicySet(loaded, config.policies.root_namespace)
     if not len(policies):
         log.warning("no CUSTOM policy for this provider was found: every request will be denied",
                     extra={"provider": config.policies.provider})
