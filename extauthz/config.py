@@ -130,7 +130,7 @@ class StoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class SecretConfig:
-    """Where one named secret comes from: a file (re-read when it changes) or an environment variable."""
+    """The source of one named secret: a file (re-read when it changes) or an environment variable."""
 
     name: str
     file: Path | None
@@ -152,7 +152,7 @@ class Config:
 
 
 class _Section:
-    """A mapping being read: tracks the dotted key path and rejects keys nobody read."""
+    """A mapping being read: tracks the dotted key path and rejects every key that no reader requested."""
 
     def __init__(self, source: str, base: Path, key: str, data: object):
         self.source = source

@@ -1,6 +1,6 @@
 """Decision records: one JSON line per Check, on allow, deny and error.
 
-The fields are documented in docs/decision-log.md. A record holds no header value, cookie or token:
+The fields are documented in docs/decision-log.md. A record contains no header value, cookie or token:
 only the ids, principals and claims listed there, and the minted token's jti, aud, exp and kid.
 """
 

@@ -1,7 +1,7 @@
 """`make run`: extauthz, a real Envoy and an echo upstream on loopback, with three example requests.
 
-Ports: Envoy listens on 127.0.0.1:10000 (admin 9901), the echo upstream on 9193, and extauthz where
-the configuration says. The example requests use end-user tokens signed by the development IdP.
+Ports: Envoy listens on 127.0.0.1:10000 (admin 9901), the echo upstream on 9193, and extauthz on the
+addresses in its configuration. The example requests use end-user tokens signed by the development IdP.
 """
 
 from __future__ import annotations

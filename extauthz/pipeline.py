@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What a reload replaces: the policies and the verifier of end-user tokens."""
+    """The policies and the verifier of end-user tokens: the parts that a reload replaces."""
 
     policies: PolicySet
     verifier: TokenVerifier

@@ -156,7 +156,7 @@ class Injection:
 
 @dataclass(frozen=True, slots=True)
 class Requirements:
-    """What matching policies demand of a request, and how to mint its token."""
+    """The demands of the matching policies on a request, and the settings of its minted token."""
 
     require_user: bool = False
     reauth_max_age: float | None = None
@@ -467,7 +467,7 @@ def parse_policy(document: dict[str, Any], origin: str, provider: str, token_ttl
     if document.get("apiVersion") not in API_VERSIONS:
         raise reader.error("apiVersion", f"unsupported apiVersion {document.get('apiVersion')!r}",
                            f"use {' or '.join(API_VERSIONS)}")
-    # `status` appears in `kubectl get -o yaml` output; it says nothing about the policy itself.
+    # `status` appears in `kubectl get -o yaml` output and carries nothing about the policy itself.
     reader.check_keys(document, ("apiVersion", "kind", "metadata", "spec", "status"), "")
     metadata = reader.mapping(document.get("metadata"), "metadata")
     spec = reader.mapping(document.get("spec"), "spec")

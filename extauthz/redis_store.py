@@ -3,7 +3,7 @@
 Every command has a deadline (`store.timeout`, used as the socket timeout) and at most
 `store.retries` retries with exponential backoff, so one operation takes at most about
 timeout x (retries + 1) plus a few milliseconds of backoff. redis-py drops a connection whose command
-timed out, so a late reply can never be read as the answer to a later command. Each state change is
+timed out, so a late reply can never be read as the reply to a later command. Each state change is
 one command or one Lua script, documented where it is defined.
 
 Sentinel URLs name the sentinels, the master's service name and the database:

@@ -1,7 +1,7 @@
 """Decision to CheckResponse: exactly what Envoy does with the request.
 
 Allowed: Envoy forwards the request with the minted token in the configured header (overwriting any
-value the caller sent) and without `authorization`. Denied: Envoy answers the caller with the status,
+value the caller sent) and without `authorization`. Denied: Envoy replies to the caller with the status,
 the headers and the JSON body built here, and never forwards the request. Both carry the decision id,
 policies and reason in `dynamic_metadata` for Envoy's access log.
 """

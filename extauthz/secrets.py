@@ -5,7 +5,7 @@ Sources, from the `secrets:` section of the configuration:
     payments-api-key: {file: /var/run/secrets/payments/key}   # a mounted Kubernetes Secret
     legacy-password: {env: LEGACY_PASSWORD}                   # extauthz's own environment
 
-A file is read at start-up and again whenever it changes: a background thread compares its resolved
+A file is read at start-up and again whenever it changes. A background thread compares its resolved
 path, inode, size and modification time every second, so the symlink swap that Kubernetes makes
 when a mounted Secret is rotated counts as a change. One trailing newline is removed. A file that
 cannot be read keeps its last value, and the error is logged. An environment variable is read once.

@@ -1,7 +1,7 @@
 """The running service: builds every part from a validated Config, serves gRPC and HTTP, drains.
 
 The gRPC server is grpcio's synchronous server on a thread pool. On this project's 2-core test machine
-an allow-all sync server answered about 1.5 times the Checks per second of an allow-all grpc.aio
+an allow-all sync server handled about 1.5 times the Checks per second of an allow-all grpc.aio
 server (docs/benchmarks.md, scenario floor-aio). Health (grpc.health.v1) reports SERVING only once the
 signing keys, every issuer's key set and the policies are loaded, and NOT_SERVING from the moment
 draining starts.

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from extauthz.config import StoreConfig
 from extauthz.errors import ExtauthzError
 
-# The in-process store sweeps expired one-time claims once it holds this many, at most once per interval.
+# The in-process store sweeps expired one-time claims once it contains this many, at most once per interval.
 MEMORY_SWEEP_SIZE = 100_000
 MEMORY_SWEEP_INTERVAL = 10.0
 
@@ -88,13 +88,13 @@ class Store(Protocol):
         """Return the public JWKs that every replica has published and that have not expired."""
 
     def ping(self) -> None:
-        """Raise StoreError unless the store answers."""
+        """Raise StoreError unless the store replies."""
 
     def close(self) -> None: ...
 
 
 class MemoryStore:
-    """The in-process store: correct for one instance, shared with nobody."""
+    """The in-process store: correct for one instance, shared with no other process."""
 
     name = "memory"
 
