@@ -270,7 +270,10 @@ def _dev_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from extauthz import __version__
+
     parser = argparse.ArgumentParser(prog="extauthz", description="External authorization for Envoy and Istio.")
+    parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the ext_authz gRPC server and the HTTP side listener")
