@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -129,34 +130,37 @@ def _revocations(args: argparse.Namespace) -> int:
 def _policy_check(args: argparse.Namespace) -> int:
     import json
 
-    from extauthz.config import load_config
-    from extauthz.policy_check import ERROR, INFO, WARNING, UnusableInput, check_policies
+    from extauthz.policy_check import (
+        ERROR,
+        INFO,
+        WARNING,
+        CheckSettings,
+        UnusableInput,
+        check_policy_files,
+        read_check_settings,
+    )
 
-    provider, cap, root, secret_names = args.provider, 30.0, "istio-system", None
     try:
-        if args.config:
-            config = load_config(args.config)
-            provider, cap, root = config.policies.provider, config.token.ttl, config.policies.root_namespace
-            secret_names = frozenset(secret.name for secret in config.secrets)
-        problems = check_policies([Path(path) for path in args.paths], provider or "extauthz", cap, root,
-                                  secret_names)
-    except (ConfigError, UnusableInput) as exc:
+        settings = read_check_settings(Path(args.config)) if args.config else CheckSettings(provider=args.provider)
+        problems, files, policies = check_policy_files([Path(path) for path in args.paths], settings.provider,
+                                                       settings.token_ttl_cap, settings.root_namespace,
+                                                       settings.secret_names)
+    except UnusableInput as exc:
         print(f"extauthz policy check: {exc}", file=sys.stderr)
         return 2
 
-    failing = [problem for problem in problems if problem.severity in (ERROR, WARNING)]
+    counts = {severity: sum(problem.severity == severity for problem in problems)
+              for severity in (ERROR, WARNING, INFO)}
     if args.format == "json":
-        print(json.dumps({"problems": [problem.as_dict() for problem in problems],
-                          "errors": sum(problem.severity == ERROR for problem in problems),
-                          "warnings": sum(problem.severity == WARNING for problem in problems),
-                          "notes": sum(problem.severity == INFO for problem in problems)}, indent=2))
+        print(json.dumps({"problems": [problem.as_dict() for problem in problems], "files": files,
+                          "policies": policies, "errors": counts[ERROR], "warnings": counts[WARNING],
+                          "notes": counts[INFO]}, indent=2))
     else:
         for problem in problems:
             print(problem.render())
-        counts = {severity: sum(problem.severity == severity for problem in problems)
-                  for severity in (ERROR, WARNING, INFO)}
-        print(f"{counts[ERROR]} errors, {counts[WARNING]} warnings, {counts[INFO]} notes")
-    return 1 if failing else 0
+        print(f"{files} files, {policies} extauthz policies: {counts[ERROR]} errors, "
+              f"{counts[WARNING]} warnings, {counts[INFO]} notes")
+    return 1 if counts[ERROR] or counts[WARNING] else 0
 
 
 def _key_values(pairs: list[str] | None, option: str) -> dict[str, str]:
@@ -369,7 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (`extauthz policy explain | head`). Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -210,3 +210,4 @@ def run_demo(config_path: Path, keep_running: bool = True) -> int:
         server_log.close()
         envoy_log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        print("stopped extauthz, Envoy and the echo upstream")

@@ -112,12 +112,14 @@ def explain(config: Config, request: ExplainRequest) -> dict[str, Any]:
         return result
 
     normalised = decision.request
-    result["request"] = {"method": normalised.method, "host": normalised.host, "path": normalised.path,
+    host = normalised.host if normalised.authority_port is None else f"{normalised.host}:{normalised.authority_port}"
+    result["request"] = {"method": normalised.method, "host": host, "path": normalised.path,
                          "destination_namespace": normalised.destination_namespace}
     policies = authorizer.policies
     namespace = normalised.destination_namespace
     considered = [policy for policy in policies.policies
                   if policy.namespace in (policies.root_namespace, namespace)]
+    result["skipped_policies"] = len(policies.policies) - len(considered)
     for policy in considered:
         matched = [index for index, rule in enumerate(policy.rules)
                    if rule_matches(rule, normalised, decision.user)]
@@ -144,6 +146,9 @@ def render_text(result: dict[str, Any]) -> str:
     lines.append(f"End user: {user['sub']} from {user['iss']}, acr {user['acr']}" if user else "End user: none")
     if result["policies"]:
         lines.append("Policies for this destination:")
+    if result.get("skipped_policies"):
+        lines.append(f"  ({result['skipped_policies']} policies of other namespaces not considered: name the "
+                     "destination with --destination-principal, or --context-extension namespace=NS)")
     for entry in result["policies"]:
         state = (f"matched (rule {', '.join(str(i) for i in entry['matched_rules'])})"
                  if entry["matched_rules"] else "not matched")

@@ -54,6 +54,45 @@ class UnusableInput(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class CheckSettings:
+    """What `policy check` takes from a configuration file."""
+
+    provider: str = "extauthz"
+    token_ttl_cap: float = 30.0
+    root_namespace: str = "istio-system"
+    secret_names: frozenset[str] | None = None
+
+
+def read_check_settings(path: Path) -> CheckSettings:
+    """Read the provider, token.ttl, root namespace and secret names from a configuration file.
+
+    Only these keys are read and checked, so a configuration written for a cluster (with paths that
+    exist only there) can check policies on a workstation. Raise UnusableInput when they are invalid.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UnusableInput(f"{path}: cannot read the configuration: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UnusableInput(f"{path}: expected a mapping at the top level")
+    policies = data.get("policies") or {}
+    token = data.get("token") or {}
+    secrets = data.get("secrets") or {}
+    if not isinstance(policies, dict) or not isinstance(token, dict) or not isinstance(secrets, dict):
+        raise UnusableInput(f"{path}: policies, token and secrets must be mappings")
+    try:
+        ttl = parse_duration(token.get("ttl", "30s"))
+    except ValueError as exc:
+        raise UnusableInput(f"{path}: token.ttl: {exc}") from exc
+    return CheckSettings(
+        provider=str(policies.get("provider", "extauthz")),
+        token_ttl_cap=ttl,
+        root_namespace=str(policies.get("root_namespace", "istio-system")),
+        secret_names=frozenset(str(name) for name in secrets),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class _Checked:
     policy: Policy
     file: str
@@ -63,12 +102,22 @@ class _Checked:
 def check_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float,
                    root_namespace: str = "istio-system", secret_names: frozenset[str] | None = None) -> list[Problem]:
     """Return every problem found in the policy files under `paths`; raise UnusableInput."""
+    return check_policy_files(paths, provider, token_ttl_cap, root_namespace, secret_names)[0]
+
+
+def check_policy_files(paths: Iterable[Path], provider: str, token_ttl_cap: float,
+                       root_namespace: str = "istio-system",
+                       secret_names: frozenset[str] | None = None) -> tuple[list[Problem], int, int]:
+    """Return the problems, the number of files read and the number of extauthz policies found."""
+    paths = list(paths)
     problems: list[Problem] = []
     checked: list[_Checked] = []
+    files = 0
     for path in paths:
         if not path.exists():
             raise UnusableInput(f"{path}: not found")
     for path in policy_files(paths):
+        files += 1
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -83,7 +132,7 @@ def check_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float,
             problems.extend(_check_document(path, index, document, provider, token_ttl_cap, checked, secret_names))
 
     problems.extend(_check_across(checked, root_namespace))
-    return problems
+    return problems, files, len(checked)
 
 
 def _check_document(path: Path, index: int, document: object, provider: str, token_ttl_cap: float,

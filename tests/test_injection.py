@@ -556,7 +556,7 @@ def test_check_known_secret_clean(tmp_path, idp, values, capsys):
 
     code, output = run_check(capsys, "--config", str(config_path), str(policy_path))
 
-    assert output.strip() == "0 errors, 0 warnings, 0 notes"
+    assert output.strip() == "1 files, 1 extauthz policies: 0 errors, 0 warnings, 0 notes"
     assert code == 0
 
 

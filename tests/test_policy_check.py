@@ -12,7 +12,7 @@ import yaml
 from helpers import POLICIES, write_config
 
 from extauthz.cli import main
-from extauthz.policy_check import ERROR, INFO, WARNING, check_policies
+from extauthz.policy_check import ERROR, INFO, WARNING, check_policies, read_check_settings
 
 PROVIDER = "extauthz"
 TOKEN_TTL_CAP = 30.0
@@ -198,7 +198,7 @@ def test_cli_clean_exits_0(tmp_path, capsys):
     code, output, _ = run_check(capsys, str(path))
 
     assert code == 0
-    assert output.strip() == "0 errors, 0 warnings, 0 notes"
+    assert output.strip() == "1 files, 2 extauthz policies: 0 errors, 0 warnings, 0 notes"
 
 
 def test_cli_problem_exits_1(tmp_path, capsys):
@@ -237,7 +237,7 @@ def test_cli_text_names_location(tmp_path, capsys):
     assert line.startswith(f"{path}#1: {ANNOTATIONS}[extauthz.io/token-ttl]: warning: ")
     assert "5m is above token.ttl (30s)" in line
     assert line.endswith("(lower the annotation or raise token.ttl)")
-    assert output.splitlines()[-1] == "0 errors, 1 warnings, 0 notes"
+    assert output.splitlines()[-1] == "1 files, 2 extauthz policies: 0 errors, 1 warnings, 0 notes"
 
 
 def test_cli_json_counts(tmp_path, capsys):
@@ -278,3 +278,17 @@ def test_cli_provider_from_config(tmp_path, idp, capsys):
 
     assert code == 1
     assert "spec.rules: warning:" in output
+
+
+def test_cli_config_from_cluster(tmp_path):
+    # A configuration written for a cluster names paths that do not exist on a workstation.
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "policies": {"provider": "extauthz", "paths": ["/etc/extauthz/policies"]},
+        "token": {"issuer": "https://extauthz.test", "ttl": "20s"},
+        "secrets": {"partner": {"file": "/var/run/secrets/partner/key"}},
+    }), encoding="utf-8")
+    settings = read_check_settings(config)
+    assert settings.token_ttl_cap == 20.0
+    assert settings.secret_names == frozenset({"partner"})
+    assert settings.provider == "extauthz"
