@@ -493,7 +493,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(str(source), "", f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # PyYAML raises ValueError for values such as the date 2024-02-30.
         raise ConfigError(str(source), "", f"invalid YAML: {exc}") from exc
 
     top = _Section(str(source), source.resolve().parent, "", data)

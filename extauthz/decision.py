@@ -30,7 +30,7 @@ class Decision:
     retry: bool = False
     # Upstream headers that carry injected secrets, as (header, value). Never logged: the decision
     # record names the secrets from `injected_secrets` instead.
-    injected_headers: list[tuple[str, str]] = field(default_factory=list)
+    injected_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
     injected_secrets: list[str] = field(default_factory=list)
     # The deny that dry-run policies would have caused; the request was decided without it.
     would_deny: DenyError | None = None

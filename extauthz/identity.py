@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import orjson
 from jwt.api_jws import PyJWS
 
 from extauthz.errors import TokenError
@@ -86,7 +87,9 @@ def _b64_json(segment: str, what: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         value = json.loads(raw, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # A lone surrogate escape (\ud800) parses but cannot be encoded again as UTF-8.
+        orjson.dumps(value)
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
         raise TokenError("invalid_token", f"malformed JWT {what}") from exc
     if not isinstance(value, dict):
         raise TokenError("invalid_token", f"JWT {what} is not a JSON object")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -34,7 +34,7 @@ TOKEN_TYPE = "txntoken+jwt"
 
 @dataclass(frozen=True, slots=True)
 class MintedToken:
-    token: str
+    token: str = field(repr=False)
     jti: str
     audience: str
     expires_at: int

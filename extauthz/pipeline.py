@@ -110,9 +110,12 @@ class Authorizer:
             decision.deny(DenyError("internal_error", type(exc).__name__))
         finally:
             decision.duration = time.perf_counter() - started
-            self.decision_log.write(decision)
-            self.metrics.record_check(decision.outcome, decision.reason, decision.duration,
-                                      decision.minted is not None, decision.would_deny)
+            try:
+                self.decision_log.write(decision)
+                self.metrics.record_check(decision.outcome, decision.reason, decision.duration,
+                                          decision.minted is not None, decision.would_deny)
+            except Exception:  # noqa: BLE001 - recording must never turn a decision into a gRPC error
+                log.exception("recording the decision failed", extra={"decision_id": decision.decision_id})
         return decision
 
     def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision, snapshot: Snapshot,
@@ -145,6 +148,9 @@ class Authorizer:
         requirements = Requirements()
         if enforced:
             requirements = self._enforce(enforced, request, user, decision, snapshot, claim=True)
+        elif user is not None:
+            # No enforced policy ran the revocation check: a revoked token is denied on every route.
+            self._check_revocation(user, requirements, decision)
         try:
             self._enforce(policies, request, user, decision, snapshot, claim=False)
         except DenyError as would:

@@ -527,7 +527,8 @@ def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float,
             raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:
             raise ConfigError(str(path), "", f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            # PyYAML raises ValueError for values such as the date 2024-02-30.
             raise ConfigError(str(path), "", f"invalid YAML: {exc}") from exc
         for index, document in enumerate(documents):
             if document is None:

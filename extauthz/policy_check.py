@@ -71,7 +71,7 @@ def read_check_settings(path: Path) -> CheckSettings:
     """
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
         raise UnusableInput(f"{path}: cannot read the configuration: {exc}") from exc
     if not isinstance(data, dict):
         raise UnusableInput(f"{path}: expected a mapping at the top level")
@@ -124,7 +124,7 @@ def check_policy_files(paths: Iterable[Path], provider: str, token_ttl_cap: floa
             raise UnusableInput(f"{path}: cannot read: {exc}") from exc
         try:
             documents = list(yaml.safe_load_all(text))
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
             problems.append(Problem(ERROR, str(path), None, "", f"invalid YAML: {exc}".replace("\n", " "),
                                     "fix the YAML syntax"))
             continue

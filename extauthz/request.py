@@ -4,7 +4,7 @@ Policies match the normalised form. docs/request-normalisation.md lists the rule
 tests/test_request.py has a table test for each. In short: the host is lower-cased without a default
 port; the query is split off; unreserved percent-escapes are decoded exactly once; slashes are merged
 and dot segments removed; and anything that parsers could read two ways (encoded `/`, `\\`, NUL or
-`%`, backslashes, fragments, control characters, `..;` segments) is a 400 `invalid_path`.
+`%`, backslashes, fragments, control characters, `;` path parameters) is a 400 `invalid_path`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class HttpRequest:
     authority_port: int | None
     path: str
     query: str
-    headers: dict[str, str]
+    headers: dict[str, str] = field(repr=False)
     request_id: str
     source_address: str
     source_principal: str
@@ -141,8 +141,10 @@ def normalise_path(raw: str, max_bytes: int) -> tuple[str, str]:
     decoded = _decode_unreserved(path)
     segments: list[str] = []
     for segment in decoded.split("/")[1:]:
-        if segment.startswith((".;", "..;")):
-            raise RequestError("invalid_path", "path parameter on a dot segment")
+        if ";" in segment:
+            # Servlet containers and some frameworks drop `;params` from segments, others keep them:
+            # `/admin;v=1/users` is /admin/users to one backend and another path to the next.
+            raise RequestError("invalid_path", "path parameter (;) in the path")
         if segment == "" or segment == ".":
             continue
         if segment == "..":

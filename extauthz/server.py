@@ -211,7 +211,11 @@ class Service:
                 continue
             if requested or fingerprint != self._files:
                 self._files = fingerprint
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # noqa: BLE001 - the watcher must outlive any one bad reload
+                    self.metrics.policy_reloads.labels("failure").inc()
+                    log.exception("reload failed; the previous configuration keeps serving")
 
     def reload(self) -> bool:
         """Validate the configuration and policies again and swap them in whole.

@@ -218,7 +218,7 @@ def normalise_path(raw: str) -> str:
     decoded = _decode_unreserved(path)
     segments: list[str] = []
     for segment in decoded.split("/")[1:]:
-        if segment.startswith((".;", "..;")):
+        if ";" in segment:
             raise ValueError("path parameter on a dot segment")
         if segment in ("", "."):
             continue
