@@ -165,8 +165,23 @@ def _check_document(path: Path, index: int, document: object, provider: str, tok
     checked.append(_Checked(policy, file, index))
     annotations = (document.get("metadata") or {}).get("annotations") or {}
     problems.extend(_check_annotations(file, index, annotations, policy, token_ttl_cap))
+    if (policy.requirements.injections and (spec.get("selector") or spec.get("targetRefs") or spec.get("targetRef"))
+            and not _limits_callers(policy)):
+        problems.append(Problem(
+            WARNING, file, index, f"metadata.annotations[{ANNOTATION_PREFIX}inject-secret]",
+            "extauthz does not see workload labels, so selector and targetRefs do not limit who gets the "
+            "secret: any request to this namespace that matches the rules does",
+            "limit the rules with from.source.principals (or notPrincipals) as well"))
     problems.extend(_check_rules(file, index, spec))
     return problems
+
+
+def _limits_callers(policy: Policy) -> bool:
+    """Return whether every rule names the calling workloads (principals or namespaces)."""
+    caller_fields = {"principals", "notPrincipals", "namespaces", "notNamespaces"}
+    return bool(policy.rules) and all(
+        rule.sources and all(any(field.name in caller_fields for field in source) for source in rule.sources)
+        for rule in policy.rules)
 
 
 def _check_annotations(file: str, index: int, annotations: dict[str, Any], policy: Policy,

@@ -292,3 +292,18 @@ def test_cli_config_from_cluster(tmp_path):
     assert settings.token_ttl_cap == 20.0
     assert settings.secret_names == frozenset({"partner"})
     assert settings.provider == "extauthz"
+
+
+def test_selector_with_injection_warned(tmp_path):
+    document = {
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "egress", "namespace": "shop",
+                     "annotations": {"extauthz.io/inject-secret": "partner", "extauthz.io/inject-header": "x-api-key"}},
+        "spec": {"action": "CUSTOM", "provider": {"name": "extauthz"},
+                 "selector": {"matchLabels": {"app": "checkout"}}, "rules": [{}]},
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    problems = check_policies([path], PROVIDER, TOKEN_TTL_CAP, secret_names=frozenset({"partner"}))
+    assert [problem.severity for problem in problems] == [WARNING]
+    assert problems[0].field == "metadata.annotations[extauthz.io/inject-secret]"
