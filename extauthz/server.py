@@ -160,7 +160,8 @@ class Service:
         issuers: dict[str, IssuerKeys] = {}
         for index, issuer in enumerate(config.issuers):
             existing = current.get(issuer.issuer)
-            if existing is not None and existing.config == issuer:
+            # A jwks_file is read again on every reload, so a key removed from it stops being trusted.
+            if existing is not None and existing.config == issuer and issuer.jwks_file is None:
                 issuers[issuer.issuer] = existing
                 continue
             keys = IssuerKeys(issuer, on_fetch=lambda result: self.metrics.jwks_fetches.labels(result).inc())
@@ -178,13 +179,14 @@ class Service:
 
     @staticmethod
     def _file_fingerprint(config: Config) -> tuple:
-        """Return what identifies the current content of the config and policy files.
+        """Return what identifies the current content of the config, JWKS and policy files.
 
         Files are resolved through symlinks, so the symlink swap that Kubernetes uses to update a
         mounted ConfigMap counts as a change.
         """
         entries = []
-        for path in [config.source, *policy_files(config.policies.paths)]:
+        jwks_files = [issuer.jwks_file for issuer in config.issuers if issuer.jwks_file is not None]
+        for path in [config.source, *jwks_files, *policy_files(config.policies.paths)]:
             try:
                 real = os.path.realpath(path)
                 stat = os.stat(real)

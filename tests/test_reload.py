@@ -14,7 +14,7 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.rpc import code_pb2
-from helpers import POLICIES, RecordingLog, check_request, make_authorizer, write_config
+from helpers import POLICIES, RecordingLog, TestIdP, check_request, make_authorizer, write_config
 from processes import LOOPBACK, ServeProcess, http_get
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -312,3 +312,20 @@ def test_in_flight_keeps_snapshot(tmp_path, idp):
     assert authorizer.snapshot.generation == 3
     assert later.reason == "no_matching_policy"
     assert [record["reason"] for record in decision_log.records()] == ["allowed", "no_matching_policy"]
+
+
+def test_jwks_file_change_applies(running, idp):
+    # The IdP rotates its key: the JWKS file is rewritten with only the new key.
+    new_idp = TestIdP()
+    old_token, new_token = idp.token(), new_idp.token()
+
+    def admin_status(token: str) -> int:
+        assert running.stub is not None
+        response = running.stub.Check(check_request(path="/admin", token=token), timeout=5)
+        return response.denied_response.status.code if response.HasField("denied_response") else 200
+
+    assert admin_status(old_token) == 200
+    replace_file(running.config_path.parent / "idp-jwks.json", json.dumps(new_idp.jwks()))
+
+    assert wait_until(lambda: admin_status(new_token) == 200), "the new IdP key was not loaded"
+    assert admin_status(old_token) == 401
