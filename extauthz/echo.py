@@ -32,11 +32,21 @@ class EchoServer:
         self.server = create_server(echo_app, host=host, port=port, threads=4, ident="echo")
         # waitress reports the bound port as a string.
         self.port = int(self.server.effective_port)
-        self._thread = threading.Thread(target=self.server.run, name="echo", daemon=True)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="echo", daemon=True)
 
     def start(self) -> EchoServer:
         self._thread.start()
         return self
 
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except OSError:
+            # close() from another thread can pull the socket out from under select(): expected on stop.
+            if not self._stopping.is_set():
+                raise
+
     def stop(self) -> None:
+        self._stopping.set()
         self.server.close()

@@ -70,10 +70,20 @@ class SideListener:
                                     ident="extauthz", clear_untrusted_proxy_headers=True)
         # waitress reports the bound port as a string.
         self.port = int(self.server.effective_port)
-        self._thread = threading.Thread(target=self.server.run, name="http-listener", daemon=True)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http-listener", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except OSError as exc:
+            # close() from another thread can pull the socket out from under select(): expected on stop.
+            if not self._stopping.is_set():
+                log.error("HTTP listener failed", extra={"error": str(exc)})
+
     def stop(self) -> None:
+        self._stopping.set()
         self.server.close()
