@@ -3,7 +3,7 @@
 The request goes through the same Authorizer that `serve` builds from the configuration, so the
 decision, status and reason are the ones `serve` would return. Two differences: the store is always
 an empty in-process one, so revocations and one-time claims in a shared Redis are not consulted, and
-`--claims` stands in for a verified token, which skips only the signature check.
+`--claims` replaces a verified token, which skips only the signature check.
 """
 
 from __future__ import annotations
@@ -64,22 +64,22 @@ def build_check_request(request: ExplainRequest) -> external_auth_pb2.CheckReque
 
 
 def _requirements_text(policy: Policy) -> list[str]:
-    wanted = policy.requirements
+    demands = policy.requirements
     parts = []
-    if wanted.require_user:
+    if demands.require_user:
         parts.append("an end-user token")
-    if wanted.reauth_max_age is not None:
-        parts.append(f"a login at most {wanted.reauth_max_age:g}s old")
-    for values in wanted.acr_values:
+    if demands.reauth_max_age is not None:
+        parts.append(f"a login at most {demands.reauth_max_age:g}s old")
+    for values in demands.acr_values:
         parts.append(f"acr in {{{', '.join(sorted(values))}}}")
-    if wanted.one_time_token:
+    if demands.one_time_token:
         parts.append("a token used only once")
-    if wanted.token_audience:
-        parts.append(f"minted aud {wanted.token_audience}")
-    if wanted.token_scope is not None:
-        parts.append(f"minted scope {' '.join(sorted(wanted.token_scope))!r}")
-    if wanted.token_ttl is not None:
-        parts.append(f"minted TTL {wanted.token_ttl:g}s")
+    if demands.token_audience:
+        parts.append(f"minted aud {demands.token_audience}")
+    if demands.token_scope is not None:
+        parts.append(f"minted scope {' '.join(sorted(demands.token_scope))!r}")
+    if demands.token_ttl is not None:
+        parts.append(f"minted TTL {demands.token_ttl:g}s")
     if policy.dry_run:
         parts.append("dry-run: denies are only recorded")
     return parts

@@ -683,22 +683,22 @@ def combine_requirements(policies: Iterable[Policy]) -> Requirements:
     one_time_token = False
     injections: dict[str, Injection] = {}
     for policy in policies:
-        wanted = policy.requirements
-        require_user = require_user or wanted.require_user
-        one_time_token = one_time_token or wanted.one_time_token
-        for injection in wanted.injections:
+        demands = policy.requirements
+        require_user = require_user or demands.require_user
+        one_time_token = one_time_token or demands.one_time_token
+        for injection in demands.injections:
             if injections.setdefault(injection.header, injection) != injection:
                 raise DenyError("policy_conflict", f"matching policies inject different values into "
                                                    f"{injection.header}")
-        if wanted.reauth_max_age is not None:
-            max_age = wanted.reauth_max_age if max_age is None else min(max_age, wanted.reauth_max_age)
-        acr_values.extend(values for values in wanted.acr_values if values not in acr_values)
-        if wanted.token_audience is not None:
-            audiences.add(wanted.token_audience)
-        if wanted.token_scope is not None:
-            scope = wanted.token_scope if scope is None else scope & wanted.token_scope
-        if wanted.token_ttl is not None:
-            ttl = wanted.token_ttl if ttl is None else min(ttl, wanted.token_ttl)
+        if demands.reauth_max_age is not None:
+            max_age = demands.reauth_max_age if max_age is None else min(max_age, demands.reauth_max_age)
+        acr_values.extend(values for values in demands.acr_values if values not in acr_values)
+        if demands.token_audience is not None:
+            audiences.add(demands.token_audience)
+        if demands.token_scope is not None:
+            scope = demands.token_scope if scope is None else scope & demands.token_scope
+        if demands.token_ttl is not None:
+            ttl = demands.token_ttl if ttl is None else min(ttl, demands.token_ttl)
 
     if len(audiences) > 1:
         raise DenyError("policy_conflict", f"matching policies name token audiences {sorted(audiences)}")

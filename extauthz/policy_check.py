@@ -4,7 +4,7 @@ The files are read exactly as `serve` reads them (extauthz.policy). Each problem
 document index, the field and a fix, with a severity:
 
 - error: `serve` would refuse to start or reload with this file;
-- warning: `serve` accepts it, but it cannot do what it says (a rule that can never match, a TTL
+- warning: `serve` accepts it, but it cannot work as written (a rule that can never match, a TTL
   above the global cap, settings that conflict with another policy's);
 - info: worth knowing, such as a CUSTOM policy for another provider, which extauthz ignores.
 
@@ -55,7 +55,7 @@ class UnusableInput(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CheckSettings:
-    """What `policy check` takes from a configuration file."""
+    """The settings that `policy check` takes from a configuration file."""
 
     provider: str = "extauthz"
     token_ttl_cap: float = 30.0

@@ -1,10 +1,10 @@
 """CheckRequest to HttpRequest: every normalisation that happens before policy matching.
 
 Policies match the normalised form. docs/request-normalisation.md lists the rules and
-tests/test_request.py has a table test for each. In short: the host is lower-cased without a default
-port; the query is split off; unreserved percent-escapes are decoded exactly once; slashes are merged
-and dot segments removed; and anything that parsers could read two ways (encoded `/`, `\\`, NUL or
-`%`, backslashes, fragments, control characters, `;` path parameters) is a 400 `invalid_path`.
+tests/test_request.py has a table test for each. In short, the host is lower-cased without a default
+port and the query is split off. Unreserved percent-escapes are decoded exactly once, slashes are
+merged and dot segments removed. Anything that parsers could read two ways (encoded `/`, `\\`, NUL
+or `%`, backslashes, fragments, control characters, `;` path parameters) is a 400 `invalid_path`.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def _address_ip(address: object) -> tuple[str, int | None]:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """Who sent a request and its id: readable even when the request itself is malformed."""
+    """The request id and both ends' principals and addresses, readable even from a malformed request."""
 
     request_id: str
     source_address: str
@@ -211,7 +211,7 @@ def _header_value(http: attribute_context_pb2.AttributeContext.HttpRequest, name
 
 
 def read_peer(check: external_auth_pb2.CheckRequest) -> Peer:
-    """Read the request id and the principals and addresses of both ends; never raises."""
+    """Read the request id and the principals and addresses of both ends, without validating the rest."""
     attributes = check.attributes
     http = attributes.request.http
     request_id = _header_value(http, "x-request-id")
