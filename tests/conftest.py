@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from helpers import TestIdP, make_authorizer, write_config
+from store_helpers import store_config
+
+from extauthz.store import Store, open_store
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +24,20 @@ def authorizer(config_path):
     """An Authorizer over the default test policies, and the RecordingLog it writes to."""
     authorizer, decision_log, _ = make_authorizer(config_path)
     return authorizer, decision_log
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request, tmp_path, idp) -> Iterator[Store]:
+    """The in-process store, then a RedisStore on a real redis-server.
+
+    The Redis case uses the `redis_server` fixture, which the test module must import.
+    """
+    if request.param == "memory":
+        store = open_store(store_config(tmp_path, idp))
+    else:
+        server = request.getfixturevalue("redis_server")
+        store = open_store(store_config(tmp_path, idp, url=server.url))
+    try:
+        yield store
+    finally:
+        store.close()

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from extauthz.config import Address
+from extauthz.envoy_config import cluster_config
 
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 RBAC_FILTER = "envoy.filters.http.rbac"
@@ -261,27 +262,6 @@ def write_certificates(folder: Path, server_principal: str, client_principal: st
     return Certificates(ca_path, server, server_key, client, client_key, server_principal, client_principal)
 
 
-def _static_cluster(name: str, address: Address, http2: bool) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": address.host, "port_value": address.port}}}}]}],
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return cluster
-
-
 def inbound_bootstrap(*, listen: Address, admin: Address, extauthz: Address, upstream: Address,
                       certificates: Certificates, authz_filters: list[dict[str, Any]],
                       provider: dict[str, Any], normalization: str) -> dict[str, Any]:
@@ -332,8 +312,8 @@ def inbound_bootstrap(*, listen: Address, admin: Address, extauthz: Address, ups
                 }],
             }],
             "clusters": [
-                _static_cluster(outbound_cluster(grpc["service"], int(grpc["port"])), extauthz, http2=True),
-                _static_cluster(INBOUND_CLUSTER, upstream, http2=False),
+                cluster_config(outbound_cluster(grpc["service"], int(grpc["port"])), extauthz, http2=True),
+                cluster_config(INBOUND_CLUSTER, upstream, http2=False),
             ],
         },
     }

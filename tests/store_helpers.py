@@ -93,3 +93,4 @@ class PasswordRedisServer(RedisServer):
                     time.sleep(0.05)
         finally:
             client.close()
+

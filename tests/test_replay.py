@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Iterator
 
 import pytest
 from helpers import ISSUER, check_request, make_authorizer
@@ -14,24 +13,11 @@ from store_helpers import ONE_TIME_PATH, STANDARD_PATH, end_user, http_request, 
 
 from extauthz.errors import TokenError
 from extauthz.replay import RETRY_WINDOW, ReplayGuard, request_fingerprint
-from extauthz.store import KeyNames, Store, open_store
+from extauthz.store import KeyNames, open_store
 
 LEEWAY = 30.0
 # A Check must still return quickly while the store is down: 50 ms x 2 attempts, plus slack.
 UNAVAILABLE_BOUND = 1.0
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request, tmp_path, idp) -> Iterator[Store]:
-    if request.param == "memory":
-        store = open_store(store_config(tmp_path, idp))
-    else:
-        server = request.getfixturevalue("redis_server")
-        store = open_store(store_config(tmp_path, idp, url=server.url))
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 @pytest.fixture

@@ -38,19 +38,6 @@ def jwk(kid: str) -> dict:
     return {"kid": kid, "kty": "EC", "crv": "P-256", "x": f"x-{kid}", "y": f"y-{kid}", "alg": "ES256", "use": "sig"}
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request, tmp_path, idp) -> Iterator[Store]:
-    if request.param == "memory":
-        store = open_store(store_config(tmp_path, idp))
-    else:
-        server = request.getfixturevalue("redis_server")
-        store = open_store(store_config(tmp_path, idp, url=server.url))
-    try:
-        yield store
-    finally:
-        store.close()
-
-
 @pytest.fixture
 def redis_store(redis_server, tmp_path, idp) -> Iterator[RedisStore]:  # noqa: F811
     store = RedisStore(store_config(tmp_path, idp, url=redis_server.url))
