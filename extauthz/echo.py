@@ -1,4 +1,4 @@
-"""A tiny upstream for demos and tests: answers every request with the request it received, as JSON."""
+"""A tiny upstream for demos and tests: returns the request it received, as JSON, for every request."""
 
 from __future__ import annotations
 

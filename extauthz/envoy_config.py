@@ -2,7 +2,7 @@
 
 The HTTP connection manager normalises paths as extauthz does (RFC 3986 dot segments, merged
 slashes) and rejects escaped slashes, so the path extauthz authorizes is the path the upstream gets.
-The ext_authz filter fails closed (`failure_mode_allow: false`) and answers 503 when extauthz cannot
+The ext_authz filter fails closed (`failure_mode_allow: false`) and returns 503 when extauthz cannot
 be reached. The route passes `context_extensions: {namespace: ...}`, which tells extauthz the
 destination namespace when there is no mTLS destination principal.
 """

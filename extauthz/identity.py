@@ -83,16 +83,16 @@ def extract_bearer(value: str | None, max_bytes: int) -> str | None:
     return token
 
 
-def _b64_json(segment: str, what: str) -> dict[str, Any]:
+def _b64_json(segment: str, part: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         value = json.loads(raw, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
         # A lone surrogate escape (\ud800) parses but cannot be encoded again as UTF-8.
         orjson.dumps(value)
     except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
-        raise TokenError("invalid_token", f"malformed JWT {what}") from exc
+        raise TokenError("invalid_token", f"malformed JWT {part}") from exc
     if not isinstance(value, dict):
-        raise TokenError("invalid_token", f"JWT {what} is not a JSON object")
+        raise TokenError("invalid_token", f"JWT {part} is not a JSON object")
     return value
 
 

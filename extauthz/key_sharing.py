@@ -28,7 +28,7 @@ PUBLISH_INTERVAL = 10.0
 
 
 def _is_public_signing_key(key: dict) -> bool:
-    # Whoever can write to the store could add keys here: serve only well-formed public signing keys.
+    # Anyone with write access to the store could add keys here: serve only well-formed public signing keys.
     return (isinstance(key.get("kid"), str) and key.get("kty") in ("EC", "OKP") and "d" not in key
             and key.get("alg") in SIGNING_ALGORITHMS and key.get("use") == "sig")
 

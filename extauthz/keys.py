@@ -1,7 +1,7 @@
 """Signing keys for minted tokens: generation, rotation with overlap, and the published JWKS.
 
 Keys are generated in memory unless `token.signing.key_file` names a PEM private key (which then is
-never rotated). The key ring holds three kinds of key:
+never rotated). The key ring contains three kinds of key:
 
 - current: signs every new token;
 - next: generated one rotation period ahead and already published, so a backend that fetched

@@ -6,8 +6,8 @@ provider, and evaluates their `rules` itself:
 - a policy without `rules` matches nothing; a rule `{}` matches every request;
 - a rule matches when any `from` source matches, any `to` operation matches and every `when`
   condition holds (a missing `from` or `to` matches anything);
-- inside a source or operation every field present must match; a field matches when any of its
-  values does, and a `not*` field when none of its values does;
+- inside a source or operation every field present must match. A field matches when any of its
+  values does, and a `not*` field matches when none of its values does;
 - string values match exactly, as a prefix (`abc*`), as a suffix (`*abc`) or, for `*`, any
   non-empty value. Hosts compare case-insensitively. Paths also accept `{*}` (one segment) and
   `{**}` (one or more segments, with no operator after it);

@@ -2,7 +2,7 @@
 token once, across every replica.
 
 The token's `iss` and `jti` are claimed atomically in the store until the token expires. A second
-use is denied with 401 `token_replayed`, with one exception: Envoy may retry a Check whose answer it
+use is denied with 401 `token_replayed`, with one exception: Envoy may retry a Check whose response it
 did not get (a gRPC retry policy on the ext_authz cluster, or a timeout). A second Check counts as
 that retry, and is allowed again, only when it comes within RETRY_WINDOW seconds of the first and
 carries the same `x-request-id`, source principal, source address, method, host and path. Any other
@@ -37,7 +37,7 @@ class ReplayGuard:
         """Claim the token for this request; return True for a recognised retry, raise on a replay.
 
         Raises TokenError(token_replayed), TokenError(invalid_token) for a token without `jti`, and
-        StoreError when the store cannot answer.
+        StoreError when the store does not reply.
         """
         if not user.token_id:
             raise TokenError("invalid_token", "one-time token route needs a jti claim")

@@ -2,7 +2,7 @@
 
 Check only translates: the CheckRequest goes to the pipeline, the Decision comes back as a
 CheckResponse. Every request gets a decision, never a gRPC error status; an overloaded server is the
-exception, where grpcio itself answers RESOURCE_EXHAUSTED beyond `server.max_pending` waiting calls.
+exception, where grpcio itself returns RESOURCE_EXHAUSTED beyond `server.max_pending` waiting calls.
 """
 
 from __future__ import annotations

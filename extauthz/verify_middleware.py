@@ -7,7 +7,7 @@ the application with the claims in `environ["extauthz.claims"]` (WSGI) or `scope
 
     401  {"error": CODE, "error_description": TEXT} and `WWW-Authenticate: Bearer error="invalid_token", ...`;
          a request without the header gets `WWW-Authenticate: Bearer` and the code `missing_token`,
-         as RFC 6750 section 3.1 asks for a request without credentials
+         as RFC 6750 section 3.1 requires for a request without credentials
     503  {"error": CODE, "error_description": TEXT} when the JWKS or the replay store is unavailable
 
 The response never contains the token, and the log records only the error code and detail.

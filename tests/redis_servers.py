@@ -53,7 +53,7 @@ class RedisServer:
         return self
 
     def wait_ready(self) -> None:
-        """Wait until this server answers PING; fail at once if it exited (a port taken by another)."""
+        """Wait until this server replies to PING. Fail at once if it exited, as when another took the port."""
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,
                              password=self.password)
         deadline = time.monotonic() + START_TIMEOUT
@@ -92,7 +92,7 @@ class RedisServer:
     frozen = False
 
     def freeze(self) -> None:
-        """SIGSTOP the server: connections stay open but nothing answers."""
+        """SIGSTOP the server: connections stay open but no reply comes."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
         self.frozen = True

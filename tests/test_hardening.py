@@ -1,4 +1,4 @@
-"""Hostile or odd inputs that must still get a definite, fail-closed answer.
+"""Hostile or odd inputs that must still get a definite, fail-closed decision.
 
 Each case crosses two modules: a revoked token on a route that only dry-run policies match, a `;`
 path parameter next to a step-up policy, claims that cannot be encoded again, a deeply nested token

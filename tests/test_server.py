@@ -226,7 +226,7 @@ def test_overload_answers_resource_exhausted(tmp_path, idp, monkeypatch):
         release.wait(timeout=10)
         return check(request)
 
-    # A slow pipeline: the first Check holds the only thread, the second waits, the third is over the limit.
+    # A slow pipeline: the first Check occupies the only thread, the second waits, the third is over the limit.
     monkeypatch.setattr(service.authorizer, "check", held_check)
     service.start()
     channel = grpc.insecure_channel(f"{LOOPBACK}:{service.grpc_port}")
