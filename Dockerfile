@@ -6,8 +6,10 @@
 FROM python:3.11-slim AS builder
 WORKDIR /src
 # Only what the wheel is built from. .dockerignore keeps everything else, including the development
-# identity provider keys in examples/dev-idp/, out of the build context.
-COPY pyproject.toml README.md ./
+# identity provider keys in examples/dev-idp/, out of the build context. Building the wheel runs
+# setup.py, which compiles protos/ into the package with grpcio-tools (a build requirement).
+COPY pyproject.toml setup.py README.md ./
+COPY protos/ protos/
 COPY extauthz/ extauthz/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

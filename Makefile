@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Generated from protos/ by setup.py on every install of the package; never committed.
+PROTO_MODULE := extauthz/v1/decision_pb2.py
 
 .PHONY: run test lint bench clean venv-package redis-package
 
@@ -26,7 +28,7 @@ venv-package:
 redis-package:
 	$(call ensure_package,command -v redis-server,redis-server)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@$(MAKE) --no-print-directory venv-package
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -35,17 +37,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+# Reinstalling the package runs setup.py again, which regenerates the module from the changed .proto.
+$(PROTO_MODULE): protos/extauthz/v1/decision.proto | $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -e .
+
+run: $(STAMP) $(PROTO_MODULE)
 	$(BIN)/extauthz dev demo --config examples/config.yaml
 
-test: $(STAMP) redis-package
+test: $(STAMP) $(PROTO_MODULE) redis-package
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check extauthz tests bench
 
-bench: $(STAMP) redis-package
+bench: $(STAMP) $(PROTO_MODULE) redis-package
 	$(BIN)/python bench/grpc_load.py
 
 clean:
-	rm -rf $(VENV) examples/dev-idp
+	rm -rf $(VENV) examples/dev-idp $(PROTO_MODULE)
