@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from extauthz.errors import ConfigError
+from extauthz.redaction import RECORDED_CLAIMS, header_refusal
 
 # Asymmetric algorithms only: HMAC would let anyone holding the issuer's public key forge tokens.
 VERIFY_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA")
@@ -94,6 +95,11 @@ class TokenConfig:
 class DecisionLogConfig:
     sink: str
     path: Path | None
+    # End-user claims to record in user_claims, beyond the ones with a field of their own.
+    claims: tuple[str, ...] = ()
+    # Request headers (lower-case names) to record as "sha256:<hex>", and to record in clear.
+    headers: tuple[str, ...] = ()
+    clear_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,17 +378,55 @@ def _token(top: _Section) -> TokenConfig:
 def _decision_log(top: _Section) -> DecisionLogConfig:
     section = top.section("decision_log")
     sink = section.string("sink", "stdout")
+    recorded = _recorded_fields(section)
     section.finish()
     if sink == "stdout":
-        return DecisionLogConfig("stdout", None)
+        return DecisionLogConfig("stdout", None, **recorded)
     if sink.startswith("file:") and len(sink) > len("file:"):
         path = Path(sink[len("file:"):])
         if not path.is_absolute():
             path = section.base / path
         if not path.parent.is_dir():
             raise section.error("sink", f"folder not found: {path.parent}", "create it or change the path")
-        return DecisionLogConfig("file", path)
+        return DecisionLogConfig("file", path, **recorded)
     raise section.error("sink", f"invalid sink {sink!r}", "use stdout or file:PATH")
+
+
+def _recorded_fields(section: _Section) -> dict[str, tuple[str, ...]]:
+    """Read decision_log.claims, .headers and .clear_headers: what a record takes from the token and request."""
+    claims = section.strings("claims")
+    for index, name in enumerate(claims):
+        if name in RECORDED_CLAIMS:
+            raise section.error("claims", f"claim {name!r} is always recorded, as {RECORDED_CLAIMS[name]}",
+                                f"remove {name!r} from decision_log.claims")
+        if name in claims[:index]:
+            raise section.error("claims", f"claim {name!r} is listed twice", "list each claim once")
+
+    lists = {"headers": _recorded_header_names(section, "headers"),
+             "clear_headers": _recorded_header_names(section, "clear_headers")}
+    for name in lists["clear_headers"]:
+        if name in lists["headers"]:
+            raise section.error("clear_headers", f"header {name!r} is also listed in decision_log.headers",
+                                "list it in headers to record its hash, or in clear_headers to record its value")
+    return {"claims": claims, **lists}
+
+
+def _recorded_header_names(section: _Section, key: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for text in section.strings(key):
+        name = text.strip().lower()
+        if name.startswith(":"):
+            raise section.error(key, f"pseudo-header {name!r} cannot be recorded",
+                                "the record has host, method and path already; remove it")
+        if not _HEADER_NAME.match(name):
+            raise section.error(key, f"invalid header name {text!r}", "use a header name such as x-tenant-id")
+        refusal = header_refusal(name)
+        if refusal is not None:
+            raise section.error(key, refusal, f"remove {name!r} from decision_log.{key}")
+        if name in names:
+            raise section.error(key, f"header {name!r} is listed twice", "list each header once")
+        names.append(name)
+    return tuple(names)
 
 
 def _limits(top: _Section) -> LimitsConfig:
@@ -510,4 +554,9 @@ def load_config(path: str | Path) -> Config:
             raise ConfigError(str(source), f"issuers[{index}].issuer",
                               "an end-user issuer must differ from token.issuer",
                               "give the minted tokens their own issuer")
+    for key in ("headers", "clear_headers"):
+        if config.token.header in getattr(config.decision_log, key):
+            raise ConfigError(str(source), f"decision_log.{key}",
+                              f"{config.token.header} carries the minted token (token.header) and is never recorded",
+                              f"remove {config.token.header!r} from decision_log.{key}")
     return config

@@ -10,76 +10,16 @@ import logging
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import orjson
 
 from extauthz.config import DecisionLogConfig
 from extauthz.decision import Decision
-from extauthz.errors import REASONS
+from extauthz.record import build_record
 
 log = logging.getLogger(__name__)
-
-
-def _rfc3339(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def build_record(decision: Decision) -> dict[str, Any]:
-    """Return the decision record for one Check."""
-    record: dict[str, Any] = {
-        "time": _rfc3339(decision.started_at),
-        "decision_id": decision.decision_id,
-        "decision": "allow" if decision.allowed else "deny",
-        "status": decision.status,
-        "reason": decision.reason,
-    }
-    if decision.detail:
-        record["detail"] = decision.detail
-
-    peer = decision.peer
-    if peer is not None:
-        record.update({
-            "request_id": peer.request_id,
-            "source_principal": peer.source_principal,
-            "source_address": peer.source_address,
-            "destination_principal": peer.destination_principal,
-        })
-    # Host, method and path only once they are valid: a malformed one is not repeated into the log.
-    request = decision.request
-    if request is not None:
-        record.update({"host": request.host, "method": request.method, "path": request.path})
-    record["policies"] = decision.policies
-
-    user = decision.user
-    if user is not None:
-        record["user_sub"] = user.subject
-        record["user_iss"] = user.issuer
-        if user.acr is not None:
-            record["user_acr"] = user.acr
-        if user.auth_time is not None:
-            record["auth_age_s"] = round(decision.started_at - user.auth_time, 3)
-
-    minted = decision.minted
-    if minted is not None:
-        record["token_jti"] = minted.jti
-        record["token_aud"] = minted.audience
-        record["token_exp"] = minted.expires_at
-        record["token_kid"] = minted.kid
-
-    if decision.injected_secrets:
-        record["injected_secrets"] = list(decision.injected_secrets)
-    if decision.would_deny is not None:
-        record["would_deny_reason"] = decision.would_deny.code
-        record["would_deny_status"] = REASONS[decision.would_deny.code].status
-    if decision.degraded:
-        record["degraded"] = True
-    if decision.retry:
-        record["retry"] = True
-    record["duration_ms"] = round(decision.duration * 1000, 3)
-    return record
 
 
 class DecisionLog:
@@ -101,7 +41,7 @@ class DecisionLog:
         self._last_error_log = 0.0
 
     def write(self, decision: Decision) -> None:
-        line = orjson.dumps(build_record(decision)) + b"\n"
+        line = orjson.dumps(build_record(decision, self.config)) + b"\n"
         try:
             with self._lock:
                 self._stream.write(line)

@@ -191,7 +191,10 @@ def _address_ip(address: object) -> tuple[str, int | None]:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The request id and both ends' principals and addresses, readable even from a malformed request."""
+    """The request id, both ends' principals and addresses, and the context extensions set in Envoy.
+
+    All of them are readable even from a malformed request.
+    """
 
     request_id: str
     source_address: str
@@ -199,6 +202,7 @@ class Peer:
     destination_principal: str
     destination_address: str
     destination_port: int | None
+    context_extensions: dict[str, str] = field(default_factory=dict)
 
 
 def _header_value(http: attribute_context_pb2.AttributeContext.HttpRequest, name: str) -> str:
@@ -211,7 +215,10 @@ def _header_value(http: attribute_context_pb2.AttributeContext.HttpRequest, name
 
 
 def read_peer(check: external_auth_pb2.CheckRequest) -> Peer:
-    """Read the request id and the principals and addresses of both ends, without validating the rest."""
+    """Read the request id, the principals and addresses of both ends and the context extensions.
+
+    Nothing else of the request is read or validated.
+    """
     attributes = check.attributes
     http = attributes.request.http
     request_id = _header_value(http, "x-request-id")
@@ -226,6 +233,7 @@ def read_peer(check: external_auth_pb2.CheckRequest) -> Peer:
         destination_principal=attributes.destination.principal,
         destination_address=destination_address,
         destination_port=destination_port,
+        context_extensions=dict(attributes.context_extensions),
     )
 
 
@@ -271,5 +279,5 @@ def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: in
         destination_principal=peer.destination_principal,
         destination_address=peer.destination_address,
         destination_port=peer.destination_port,
-        context_extensions=dict(attributes.context_extensions),
+        context_extensions=peer.context_extensions,
     )
