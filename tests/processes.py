@@ -101,8 +101,10 @@ def wait_for_http_ok(port: int, path: str, process: subprocess.Popen, log_path: 
 class ServeProcess:
     """`extauthz serve` on two free loopback ports, its decision log (stdout) and stderr in files."""
 
-    def __init__(self, folder: Path, idp: TestIdP, overrides: dict[str, Any] | None = None):
+    def __init__(self, folder: Path, idp: TestIdP, overrides: dict[str, Any] | None = None,
+                 log_level: str = "info"):
         self.folder = folder
+        self.log_level = log_level
         self.grpc_port, self.http_port = loopback_ports(2)
         listen = {"grpc": f"{LOOPBACK}:{self.grpc_port}", "http": f"{LOOPBACK}:{self.http_port}"}
         self.config_path = write_config(folder, idp, overrides={"listen": listen, **(overrides or {})})
@@ -113,7 +115,8 @@ class ServeProcess:
     def start(self) -> ServeProcess:
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "extauthz", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "extauthz", "serve", "--config", str(self.config_path),
+                 "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
         return self
 
