@@ -556,7 +556,7 @@ def test_image_copies_sources_only():
     for keyword, arguments in dockerfile_instructions():
         if keyword == "COPY":
             copied.extend(arguments.split()[:-1])
-    assert copied == ["pyproject.toml", "README.md", "extauthz/"]
+    assert copied == ["pyproject.toml", "setup.py", "README.md", "protos/", "extauthz/"]
 
 
 def test_runtime_installs_wheels_only():
@@ -578,9 +578,11 @@ def test_wheel_contains_package_only(tmp_path):
     """Build the wheel as the builder stage does, from the files it copies, and list its contents."""
     source = tmp_path / "src"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "extauthz", source / "extauthz", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "protos", source / "protos")
+    # Without the modules that an editable install generated, as .dockerignore leaves them out.
+    shutil.copytree(ROOT / "extauthz", source / "extauthz", ignore=shutil.ignore_patterns("__pycache__", "*_pb2.py"))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
          "--wheel-dir", str(tmp_path / "wheels"), str(source)],
@@ -593,6 +595,7 @@ def test_wheel_contains_package_only(tmp_path):
         names = wheel.namelist()
         metadata = wheel.read(next(name for name in names if name.endswith(".dist-info/METADATA"))).decode()
     assert {name.split("/")[0] for name in names if not name.startswith("extauthz-")} == {"extauthz"}
+    assert "extauthz/v1/decision_pb2.py" in names
     runtime = [line.partition(":")[2].strip() for line in metadata.splitlines()
                if line.startswith("Requires-Dist:") and "extra ==" not in line]
     runtime_names = [re.split(r"[<>=!~\[; ]", requirement)[0] for requirement in runtime]
