@@ -85,7 +85,8 @@ def test_stale_module_detected(tmp_path):
     changed_root = tmp_path / "protos"
     (changed_root / PROTO).parent.mkdir(parents=True)
     text = (PROTO_ROOT / PROTO).read_text(encoding="utf-8")
-    changed = text.replace("message Checkpoint {", "message Checkpoint {\n  optional string comment = 99;", 1)
+    added_field = "\n  optional string added_by_test = 536870911;"
+    changed = text.replace("message Checkpoint {", "message Checkpoint {" + added_field, 1)
     assert changed != text
     (changed_root / PROTO).write_text(changed, encoding="utf-8")
     changed_descriptor = without_default_json_names(compiled_descriptor(changed_root, tmp_path))
