@@ -14,7 +14,13 @@ from typing import Any
 from extauthz.config import DecisionLogConfig
 from extauthz.decision import Decision
 from extauthz.errors import REASONS
-from extauthz.redaction import recorded_claims, recorded_context_extensions, recorded_headers
+from extauthz.redaction import (
+    path_without_jwt,
+    recorded_claims,
+    recorded_context_extensions,
+    recorded_headers,
+    without_jwt,
+)
 
 
 def rfc3339(timestamp: float) -> str:
@@ -40,7 +46,7 @@ def build_record(decision: Decision, config: DecisionLogConfig | None = None) ->
     peer = decision.peer
     if peer is not None:
         record.update({
-            "request_id": peer.request_id,
+            "request_id": without_jwt(peer.request_id),
             "source_principal": peer.source_principal,
             "source_address": peer.source_address,
             "destination_principal": peer.destination_principal,
@@ -55,7 +61,8 @@ def build_record(decision: Decision, config: DecisionLogConfig | None = None) ->
     # Host, method, path and headers only once they are valid: a malformed one is not repeated into the log.
     request = decision.request
     if request is not None:
-        record.update({"host": request.host, "method": request.method, "path": request.path})
+        record.update({"host": request.host, "method": without_jwt(request.method),
+                       "path": path_without_jwt(request.path)})
         if config is not None and (config.headers or config.clear_headers):
             headers = recorded_headers(request.headers, config.headers, config.clear_headers)
             if headers:

@@ -6,6 +6,9 @@
   extension. A JWT here is three base64url segments separated by dots whose first segment decodes to a
   JSON object (a JWS; the first three segments of a JWE match too). The payload and signature
   segments may be empty, as in unsecured and detached-payload tokens.
+- The request id, method and path are always recorded, because a record needs them. JWT_MARKER
+  replaces a request id or method that contains a JWT, and each path segment that contains one (the
+  token of a magic link such as /verify/eyJ...).
 - Headers named in decision_log.headers are recorded as "sha256:" + the hex SHA-256 of the value's
   UTF-8 bytes, those in decision_log.clear_headers as received.
 """
@@ -29,6 +32,9 @@ CREDENTIAL_HEADERS = frozenset({
     "x-api-key",
     "x-amz-security-token",
 })
+
+# Neither a request id nor a method can contain "[", so the marker is never mistaken for a real value.
+JWT_MARKER = "[jwt]"
 
 # End-user claims that have a record field of their own, so decision_log.claims must not repeat them.
 RECORDED_CLAIMS = {
@@ -75,6 +81,19 @@ def _json_contains_jwt(value: Any) -> bool:
     if isinstance(value, list):
         return any(_json_contains_jwt(item) for item in value)
     return False
+
+
+def without_jwt(text: str) -> str:
+    """Return `text`, or JWT_MARKER when it contains a JWT."""
+    return JWT_MARKER if contains_jwt(text) else text
+
+
+def path_without_jwt(path: str) -> str:
+    """Return `path` with JWT_MARKER in place of every segment that contains a JWT."""
+    # A JWT cannot span segments, because "/" is not a base64url character.
+    if not contains_jwt(path):
+        return path
+    return "/".join(without_jwt(segment) for segment in path.split("/"))
 
 
 def header_refusal(name: str) -> str | None:

@@ -13,6 +13,8 @@ from extauthz.config import DecisionLogConfig, load_config
 from extauthz.errors import ConfigError
 from extauthz.record import build_record, rfc3339
 
+# {"alg":"none"} and {}: short enough for a request id (128 characters) and a method (32).
+UNSECURED_JWT = "eyJhbGciOiJub25lIn0.e30."
 RECORD_OPTIONS = {"sink": "stdout", "claims": ["email", "groups", "tenant"],
                   "headers": ["x-tenant-id"], "clear_headers": ["user-agent", "x-client-version"]}
 
@@ -101,6 +103,25 @@ def test_header_with_jwt_left_out(recording, idp):
     record = decision_log.records()[-1]
     assert record["headers"] == {"x-client-version": "2.1.0"}
     assert token not in decision_log.raw().decode()
+
+
+def test_jwt_in_path_and_ids_marked(recording, idp):
+    authorizer, decision_log, _ = recording
+    token = idp.token()
+    authorizer.check(check_request(path=f"/public/verify/{token}/done", request_id=UNSECURED_JWT))
+    record = decision_log.records()[-1]
+    assert record["reason"] == "allowed"
+    assert record["path"] == "/public/verify/[jwt]/done"
+    assert record["request_id"] == "[jwt]"
+    assert token not in decision_log.raw().decode()
+
+
+def test_jwt_method_marked(recording):
+    authorizer, decision_log, _ = recording
+    authorizer.check(check_request(method=UNSECURED_JWT, path="/public/a"))
+    record = decision_log.records()[-1]
+    assert record["reason"] == "no_matching_policy"
+    assert record["method"] == "[jwt]"
 
 
 def test_context_extensions_and_port(recording):

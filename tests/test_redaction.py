@@ -21,7 +21,14 @@ from processes import LOOPBACK, ServeProcess
 from extauthz.config import load_config
 from extauthz.errors import ConfigError
 from extauthz.logs import JsonFormatter
-from extauthz.redaction import CREDENTIAL_HEADERS, contains_jwt, hash_value, recorded_claims, recorded_headers
+from extauthz.redaction import (
+    CREDENTIAL_HEADERS,
+    contains_jwt,
+    hash_value,
+    path_without_jwt,
+    recorded_claims,
+    recorded_headers,
+)
 
 # Written independently of extauthz.redaction: a compact JWS or JWE whose header starts with {".
 JWT_SHAPED = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.")
@@ -77,6 +84,20 @@ def test_jwt_found(idp, text):
 )
 def test_jwt_not_found(text):
     assert not contains_jwt(text)
+
+
+@pytest.mark.parametrize(
+    ("path", "recorded"),
+    [
+        ("/public/items", "/public/items"),
+        ("/static/app.v1.2.min.js", "/static/app.v1.2.min.js"),
+        ("/verify/{jws}", "/verify/[jwt]"),
+        ("/a/{jws}/b/x{jws}/", "/a/[jwt]/b/[jwt]/"),
+    ],
+)
+def test_path_jwt_segments_marked(idp, path, recorded):
+    token = idp.token()
+    assert path_without_jwt(path.format(jws=token)) == recorded
 
 
 def test_credential_headers_never_recorded():
@@ -140,6 +161,9 @@ class Credentials:
         self.foreign_token = stranger.token()
         self.unsecured_token = unsecured_jwt({"iss": idp.issuer, "sub": "mallory"})
         self.extension_token = stranger.token(sub="extension")
+        self.link_token = stranger.token(sub="magic-link")
+        # {"alg":"none"} and {"sub":"r"}: short enough for a request id (128 characters).
+        self.request_id_token = unsecured_jwt({"sub": "r"})
         self.random = {name: f"{name}-{secrets.token_urlsafe(24)}" for name in
                        ("bearer", "basic", "cookie", "api-key", "amz", "proxy", "query")}
         self.headers = {
@@ -168,18 +192,20 @@ class Credentials:
             check_request(path=f"/public/items?access_token={self.fresh_token}&key={self.random['query']}",
                           token=self.fresh_token, headers=self.headers),
             check_request(path="/a/%2F", token=self.fresh_token, headers=self.headers),
+            check_request(path=f"/public/verify/{self.link_token}", request_id=self.request_id_token),
         ]
 
     def values(self) -> list[str]:
         """Every value that must not appear: tokens, random credentials and header values as sent."""
         values = [self.fresh_token, self.old_token, self.foreign_token, self.unsecured_token, self.extension_token,
-                  *self.random.values()]
+                  self.link_token, self.request_id_token, *self.random.values()]
         values += [value for name, value in self.headers.items() if name not in ("x-tenant-id", "user-agent")]
         return values
 
 
 EXPECTED_REASONS = ["allowed", "insufficient_user_authentication", "invalid_token", "invalid_token",
-                    "invalid_token", "invalid_authorization_header", "missing_token", "allowed", "invalid_path"]
+                    "invalid_token", "invalid_authorization_header", "missing_token", "allowed", "invalid_path",
+                    "allowed"]
 
 
 def assert_nothing_leaked(outputs: dict[str, str], values: list[str]) -> None:
@@ -196,6 +222,9 @@ def assert_allowlist_recorded(records: list[dict]) -> None:
     assert first["headers"] == {"x-tenant-id": hash_value("tenant-4711"), "user-agent": "curl/8.5.0"}
     assert first["user_claims"] == {"email": "alice@example.com"}
     assert first["context_extensions"] == {"route": "admin"}
+    last = records[-1]
+    assert last["path"] == "/public/verify/[jwt]"
+    assert last["request_id"] == "[jwt]"
 
 
 def test_serve_leaks_no_credential(tmp_path, idp):
@@ -217,7 +246,7 @@ def test_serve_leaks_no_credential(tmp_path, idp):
         exit_code = server.stop()
 
     assert exit_code == 0
-    assert len(minted) == 2
+    assert len(minted) == 3
     records = [json.loads(line) for line in log_path.read_bytes().splitlines()]
     assert [record["reason"] for record in records] == EXPECTED_REASONS
     assert_allowlist_recorded(records)
@@ -236,7 +265,7 @@ def test_in_process_leaks_no_credential(tmp_path, idp, caplog):
     decisions = [authorizer.check(request) for request in credentials.requests()]
 
     minted = [decision.minted.token for decision in decisions if decision.minted is not None]
-    assert len(minted) == 2
+    assert len(minted) == 3
     assert [decision.reason for decision in decisions] == EXPECTED_REASONS
     assert_allowlist_recorded(decision_log.records())
     formatter = JsonFormatter()
