@@ -277,6 +277,40 @@ def _audit_stats(args: argparse.Namespace) -> int:
     return _report_read_problems("audit stats", reader)
 
 
+def _policy_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from extauthz.audit_read import ReadError, reader_from_arguments
+    from extauthz.policy_replay import Replayer, read_logged_facts, replay_config
+
+    config_path = Path(args.config) if args.config else None
+    if config_path is not None and (args.provider or args.root_namespace):
+        print("extauthz policy replay: --provider and --root-namespace come from --config; drop them",
+              file=sys.stderr)
+        return 2
+    try:
+        reader = reader_from_arguments(args)
+        config = replay_config(config_path, [Path(path) for path in args.policies],
+                               provider=args.provider or "extauthz",
+                               root_namespace=args.root_namespace or "istio-system")
+        replayer = Replayer(config, read_logged_facts(config_path), learn_issuers=config_path is None)
+    except (ReadError, ConfigError, JWKSError) as exc:
+        print(f"extauthz policy replay: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = replayer.replay(reader)
+    finally:
+        replayer.close()
+    if args.format == "json":
+        print(json.dumps({**report.to_dict(), "skipped_lines": reader.skipped}, indent=2))
+    else:
+        print(report.render())
+        print(_skipped_text(reader))
+    if _report_read_problems("policy replay", reader):
+        return 2
+    return 1 if report.changes else 0
+
+
 def _add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subject", action="append", metavar="SUB", help="end user's sub; repeat for any of several")
     parser.add_argument("--decision", choices=("allow", "deny"), help="only allowed or only denied requests")
@@ -313,6 +347,21 @@ def _add_audit_read_commands(audit_commands) -> None:
     stats.add_argument("--top", type=int, default=10, help="how many denied subjects and workloads to list")
     stats.set_defaults(run=_audit_stats)
 
+
+def _add_policy_replay_command(policy_commands) -> None:
+    from extauthz.audit_read import add_source_arguments
+
+    replay = policy_commands.add_parser(
+        "replay", help="decide logged requests again under candidate policies and list what would change")
+    add_source_arguments(replay, files_option="--log")
+    replay.add_argument("--policies", nargs="+", action="extend", required=True, metavar="PATH",
+                        help="the candidate policy files or folders")
+    replay.add_argument("--config", help="extauthz configuration: issuers, provider, root namespace, secret names "
+                                         "and the decision_log header and claim lists")
+    replay.add_argument("--provider", help="without --config: the CUSTOM provider name (default: extauthz)")
+    replay.add_argument("--root-namespace", help="without --config: the root namespace (default: istio-system)")
+    replay.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+    replay.set_defaults(run=_policy_replay)
 
 # --- end of audit query|stats and policy replay -------------------------------------------------
 
@@ -449,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     identity.add_argument("--claims", help="end-user claims as a JSON object; skips only the signature check")
     explain.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     explain.set_defaults(run=_policy_explain)
+
+    _add_policy_replay_command(policy_commands)
 
     # audit query|stats (audit_query.py). `audit verify|keygen|jwks` add their parsers to audit_commands.
     audit = commands.add_parser("audit", help="query, count and check decision logs")
