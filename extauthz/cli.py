@@ -363,6 +363,7 @@ def _add_policy_replay_command(policy_commands) -> None:
     replay.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     replay.set_defaults(run=_policy_replay)
 
+
 # --- end of audit query|stats and policy replay -------------------------------------------------
 
 

@@ -330,6 +330,48 @@ def build_claims(record: dict[str, Any], now: float, default_audience: str | Non
     return claims
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
+
+
+# Field checks of the facts a replay reads, so that a damaged record is not mistaken for a changed decision.
+_FIELD_TYPES = {
+    "user_sub": lambda value: isinstance(value, str),
+    "user_iss": lambda value: isinstance(value, str),
+    "user_acr": lambda value: isinstance(value, str),
+    "user_aud": _is_strings,
+    "user_amr": _is_strings,
+    "user_auth_time": _is_number,
+    "auth_age_s": _is_number,
+    "user_claims": lambda value: isinstance(value, dict),
+    "headers": _is_string_map,
+    "context_extensions": _is_string_map,
+    "destination_port": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "policies": _is_strings,
+    "source_principal": lambda value: isinstance(value, str),
+    "source_address": lambda value: isinstance(value, str),
+    "destination_principal": lambda value: isinstance(value, str),
+}
+
+
+def _malformed_field(record: dict[str, Any]) -> str | None:
+    """Return the name of the first field whose value has the wrong type, or None."""
+    for name, valid in _FIELD_TYPES.items():
+        if name in record and not valid(record[name]):
+            return name
+    if record.get("user_sub") and not isinstance(record.get("user_iss"), str):
+        return "user_iss"
+    return None
+
+
 def _unknown_field(match: FieldMatch, record: dict[str, Any]) -> str | None:
     """Return why the record cannot tell whether `match` holds, or None when it can."""
     if match.kind == "port" and not isinstance(record.get("destination_port"), int):
@@ -476,6 +518,9 @@ class Replayer:
             return "the record has no valid time"
         if not all(isinstance(record.get(name), str) and record.get(name) for name in ("method", "host", "path")):
             return "the record has no method, host or path"
+        malformed = _malformed_field(record)
+        if malformed is not None:
+            return f"the record's {malformed} has the wrong type"
         enveloped = "type" in record
         if not enveloped and not record.get("destination_principal") and "context_extensions" not in record:
             return ("the record names no destination namespace: no destination principal, and records "

@@ -459,3 +459,31 @@ def test_changes_json_lines_are_parseable(logged_run, capsys):
                             "--config", str(logged_run.config_path))
 
     assert orjson.loads(orjson.dumps(report)) == report
+
+
+def test_replay_counts_damaged_records(logged_run):
+    config = replay_config(logged_run.config_path, [logged_run.policies_a])
+    replayer = Replayer(config, LoggedFacts(), learn_issuers=False)
+    logged = next(entry for entry in LogReader(files=[str(logged_run.chained_log)])
+                  if entry.record.get("request_id") == "r01")
+    damaged = [
+        LogEntry({**logged.record, "user_aud": "mesh"}, "damaged:1"),
+        LogEntry({**logged.record, "headers": {"x-tenant": 7}}, "damaged:2"),
+        LogEntry({**logged.record, "time": "yesterday"}, "damaged:3"),
+        LogEntry({key: value for key, value in logged.record.items() if key != "path"}, "damaged:4"),
+        LogEntry({**logged.record, "reason": "future_reason"}, "damaged:5"),
+    ]
+    try:
+        report = replayer.replay(damaged)
+    finally:
+        replayer.close()
+
+    assert report.replayed == 0
+    assert report.changes == []
+    assert dict(report.not_replayable) == {
+        "the record's user_aud has the wrong type": 1,
+        "the record's headers has the wrong type": 1,
+        "the record has no valid time": 1,
+        "the record has no method, host or path": 1,
+        "logged reason 'future_reason' is not one this version of extauthz knows": 1,
+    }
