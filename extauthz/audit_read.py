@@ -56,6 +56,8 @@ class LogEntry:
 
     record: dict[str, Any]
     source: str
+    # The line as written, without its line break; empty for an entry built in code.
+    line: bytes = field(default=b"", repr=False)
 
     @property
     def kind(self) -> str:
@@ -193,7 +195,7 @@ class LogReader:
                         self._skip(f"{name}:{number}")
                     continue
                 self.records += 1
-                yield LogEntry(record, f"{name}:{number}")
+                yield LogEntry(record, f"{name}:{number}", line.rstrip(b"\r\n"))
         except (OSError, EOFError, zlib.error) as exc:
             # gzip raises EOFError for a truncated file and BadGzipFile (an OSError) for a corrupt one.
             self.problems.append(f"{name}: unreadable after line {number}: {exc or type(exc).__name__} "
@@ -215,7 +217,7 @@ class LogReader:
                         self._skip(entry_name)
                         continue
                     self.records += 1
-                    yield LogEntry(record, entry_name)
+                    yield LogEntry(record, entry_name, line)
                 if len(page) < source.page_size:
                     return
                 start = "(" + page[-1][0].decode()

@@ -241,7 +241,7 @@ def _audit_query(args: argparse.Namespace) -> int:
         return 2
     if args.format == "json":
         for entry in result.matches:
-            sys.stdout.buffer.write(orjson.dumps(entry.record, option=orjson.OPT_SORT_KEYS) + b"\n")
+            sys.stdout.buffer.write((entry.line or orjson.dumps(entry.record, option=orjson.OPT_SORT_KEYS)) + b"\n")
         sys.stdout.flush()
     elif result.matches:
         print(render_table(QUERY_HEADERS, query_rows(result.matches)))

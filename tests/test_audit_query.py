@@ -326,3 +326,26 @@ def test_stats_on_flat_records_from_authorizer(authorizer, tmp_path, capsys, idp
     # Equal counts are listed by name.
     assert stats["minted_tokens_by_audience"] == [{"audience": "admin-api", "tokens": 1},
                                                   {"audience": "shop.example.com", "tokens": 1}]
+
+
+def test_query_json_prints_lines_as_logged(tmp_path, capsys):
+    # Today's writer does not sort keys, and a CRLF file adds a carriage return to every line.
+    flat = b'{"time":"2026-07-10T09:00:00.000Z","decision_id":"flat","decision":"allow","status":200,' \
+           b'"reason":"allowed","policies":[],"duration_ms":1.25}'
+    writer = ChainWriter()
+    writer.decision(QUARTER[0])
+    path = tmp_path / "mixed.log"
+    path.write_bytes(flat + b"\r\n" + writer.text())
+
+    code, out, _ = run(capsys, "audit", "query", str(path), "--format", "json")
+
+    assert code == 0
+    assert out.encode().splitlines() == [flat, writer.lines[1].rstrip(b"\n")]
+
+
+def test_stats_rejects_top_zero(quarter_log, capsys):
+    code, out, err = run(capsys, "audit", "stats", str(quarter_log), "--top", "0")
+
+    assert code == 2
+    assert out == ""
+    assert "--top 0: expected a count of 1 or more" in err
