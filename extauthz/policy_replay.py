@@ -143,11 +143,10 @@ def read_logged_facts(config_path: Path | None) -> LoggedFacts:
 
     def names(key: str) -> frozenset[str]:
         value = section.get(key) or []
-        return frozenset(str(item).lower() for item in value) if isinstance(value, list) else frozenset()
+        return frozenset(item for item in value if isinstance(item, str)) if isinstance(value, list) else frozenset()
 
-    return LoggedFacts(headers=names("headers") | names("clear_headers"),
-                       claims=frozenset(str(item) for item in section.get("claims") or []
-                                        if isinstance(item, str)))
+    headers = frozenset(name.lower() for name in names("headers") | names("clear_headers"))
+    return LoggedFacts(headers=headers, claims=names("claims"))
 
 
 # --- the change report --------------------------------------------------------------------------

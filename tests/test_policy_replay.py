@@ -487,3 +487,39 @@ def test_replay_counts_damaged_records(logged_run):
         "the record has no method, host or path": 1,
         "logged reason 'future_reason' is not one this version of extauthz knows": 1,
     }
+
+
+def test_logged_facts_from_config(tmp_path):
+    from extauthz.policy_replay import read_logged_facts
+
+    path = tmp_path / "config.yaml"
+    path.write_text("decision_log:\n  headers: [X-Account]\n  clear_headers: [x-tenant]\n  claims: groups\n",
+                    encoding="utf-8")
+
+    facts = read_logged_facts(path)
+
+    assert facts.headers == frozenset({"x-account", "x-tenant"})
+    # A string where a list belongs names nothing, rather than one claim per character.
+    assert facts.claims == frozenset()
+    assert read_logged_facts(None) == LoggedFacts()
+
+
+def test_listed_header_absent_from_record(logged_run):
+    """A header that decision_log lists but a record lacks was absent from the request."""
+    config = replay_config(logged_run.config_path, [logged_run.policies_a])
+    logged = next(entry for entry in LogReader(files=[str(logged_run.chained_log)])
+                  if entry.record.get("request_id") == "r09")
+    without_header = LogEntry({key: value for key, value in logged.record.items() if key != "headers"}, "edited:1")
+    unknown = Replayer(config, LoggedFacts(headers=frozenset(), claims=frozenset()), learn_issuers=False)
+    listed = Replayer(config, LoggedFacts(headers=frozenset({"x-tenant"}), claims=frozenset()), learn_issuers=False)
+    try:
+        not_replayable = unknown.replay([without_header])
+        replayed = listed.replay([without_header])
+    finally:
+        unknown.close()
+        listed.close()
+
+    assert dict(not_replayable.not_replayable) == {
+        "policy shop/tenants reads request.headers[x-tenant], which the log does not contain": 1}
+    assert [(change.kind, change.after.reason) for change in replayed.changes] == [
+        ("allow_to_deny", "no_matching_policy")]
