@@ -162,7 +162,7 @@ class LogReader:
                 yield from self._read_stream(self.stdin or sys.stdin.buffer, STDIN)
                 continue
             try:
-                stream = open(name, "rb")  # noqa: SIM115 - closed below, after the generator finishes
+                stream = open(name, "rb")  # noqa: SIM115 - the with block below closes it
             except OSError as exc:
                 self.problems.append(f"{name}: cannot read: {exc.strerror}")
                 continue
@@ -189,10 +189,11 @@ class LogReader:
                     _discard_rest_of_line(stream)
                     self._skip(f"{name}:{number}")
                     continue
-                record = parse_line(line) if line.strip() else None
+                if not line.strip():
+                    continue
+                record = parse_line(line)
                 if record is None:
-                    if line.strip():
-                        self._skip(f"{name}:{number}")
+                    self._skip(f"{name}:{number}")
                     continue
                 self.records += 1
                 yield LogEntry(record, f"{name}:{number}", line.rstrip(b"\r\n"))
