@@ -1,4 +1,4 @@
-"""Command line: `extauthz serve`, and the development helpers under `extauthz dev`."""
+"""Command line: `extauthz serve`, policy and audit tools, and the development helpers under `extauthz dev`."""
 
 from __future__ import annotations
 
@@ -199,6 +199,174 @@ def _policy_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- audit query|stats and policy replay: reading decision logs ---------------------------------
+# The chain helper's `audit verify|keygen|jwks` share the `audit` parser: build_parser creates it once
+# and passes its subparsers to _add_audit_read_commands.
+
+
+def _audit_filters(args: argparse.Namespace):
+    from extauthz.audit_query import build_filters
+
+    return build_filters(subjects=args.subject, decision=args.decision, reasons=args.reason,
+                         policies=args.policy, hosts=args.host, source_principals=args.source_principal,
+                         since=args.since, until=args.until)
+
+
+def _report_read_problems(command: str, reader) -> int:
+    """Print the sources that failed part-way; return the exit code for them (0 when there were none)."""
+    for problem in reader.problems:
+        print(f"extauthz {command}: {problem}", file=sys.stderr)
+    return 2 if reader.problems else 0
+
+
+def _skipped_text(reader) -> str:
+    if not reader.skipped:
+        return "no lines skipped"
+    where = ", ".join(reader.skipped_sources) + (", ..." if reader.skipped > len(reader.skipped_sources) else "")
+    return f"{reader.skipped} lines skipped as not decision records (at {where})"
+
+
+def _audit_query(args: argparse.Namespace) -> int:
+    import orjson
+
+    from extauthz.audit_query import QUERY_HEADERS, query_rows, render_table, run_query
+    from extauthz.audit_read import ReadError, reader_from_arguments
+
+    try:
+        filters = _audit_filters(args)
+        reader = reader_from_arguments(args)
+        result = run_query(reader, filters)
+    except (ReadError, ValueError) as exc:
+        print(f"extauthz audit query: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        for entry in result.matches:
+            sys.stdout.buffer.write((entry.line or orjson.dumps(entry.record, option=orjson.OPT_SORT_KEYS)) + b"\n")
+        sys.stdout.flush()
+    elif result.matches:
+        print(render_table(QUERY_HEADERS, query_rows(result.matches)))
+    print(f"{len(result.matches)} of {result.decisions} decisions matched; {result.checkpoints} checkpoints "
+          f"ignored; {_skipped_text(reader)}", file=sys.stderr)
+    return _report_read_problems("audit query", reader)
+
+
+def _audit_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from extauthz.audit_query import reauth_policies_from_files, run_stats
+    from extauthz.audit_read import ReadError, reader_from_arguments
+
+    if args.top < 1:
+        print(f"extauthz audit stats: --top {args.top}: expected a count of 1 or more", file=sys.stderr)
+        return 2
+    try:
+        filters = _audit_filters(args)
+        reauth_policies = (reauth_policies_from_files([Path(path) for path in args.policies], args.provider)
+                           if args.policies else None)
+        reader = reader_from_arguments(args)
+        statistics = run_stats(reader, filters, top=args.top, reauth_policies=reauth_policies)
+    except (ReadError, ValueError, ConfigError) as exc:
+        print(f"extauthz audit stats: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps({**statistics.to_dict(), "skipped_lines": reader.skipped}, indent=2))
+    else:
+        print(statistics.render())
+    print(f"{statistics.decisions} decisions counted; {statistics.checkpoints} checkpoints ignored; "
+          f"{_skipped_text(reader)}", file=sys.stderr)
+    return _report_read_problems("audit stats", reader)
+
+
+def _policy_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from extauthz.audit_read import ReadError, reader_from_arguments
+    from extauthz.policy_replay import Replayer, read_logged_facts, replay_config
+
+    config_path = Path(args.config) if args.config else None
+    if config_path is not None and (args.provider or args.root_namespace):
+        print("extauthz policy replay: --provider and --root-namespace come from --config; drop them",
+              file=sys.stderr)
+        return 2
+    try:
+        reader = reader_from_arguments(args)
+        config = replay_config(config_path, [Path(path) for path in args.policies],
+                               provider=args.provider or "extauthz",
+                               root_namespace=args.root_namespace or "istio-system")
+        replayer = Replayer(config, read_logged_facts(config_path), learn_issuers=config_path is None)
+    except (ReadError, ConfigError, JWKSError) as exc:
+        print(f"extauthz policy replay: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = replayer.replay(reader)
+    finally:
+        replayer.close()
+    if args.format == "json":
+        print(json.dumps({**report.to_dict(), "skipped_lines": reader.skipped}, indent=2))
+    else:
+        print(report.render())
+        print(_skipped_text(reader))
+    if _report_read_problems("policy replay", reader):
+        return 2
+    return 1 if report.changes else 0
+
+
+def _add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subject", action="append", metavar="SUB", help="end user's sub; repeat for any of several")
+    parser.add_argument("--decision", choices=("allow", "deny"), help="only allowed or only denied requests")
+    parser.add_argument("--reason", action="append", metavar="CODE",
+                        help="reason code, such as insufficient_user_authentication; repeatable")
+    parser.add_argument("--policy", action="append", metavar="NS/NAME",
+                        help="a matched policy, such as payments/transfers-step-up; repeatable")
+    parser.add_argument("--host", action="append", help="the request's host, such as payments.example.com; repeatable")
+    parser.add_argument("--source-principal", action="append", metavar="PRINCIPAL",
+                        help="calling workload, with or without spiffe://; repeatable")
+    parser.add_argument("--since", metavar="T",
+                        help="from this time on: RFC 3339 such as 2026-07-01T00:00:00Z, a date (midnight UTC), "
+                             "or a duration before now such as 24h or 90d")
+    parser.add_argument("--until", metavar="T", help="before this time (exclusive), in the same forms as --since")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+
+
+def _add_audit_read_commands(audit_commands) -> None:
+    from extauthz.audit_read import add_source_arguments
+
+    query = audit_commands.add_parser("query", help="list the decisions that match filters")
+    add_source_arguments(query)
+    _add_filter_arguments(query)
+    query.set_defaults(run=_audit_query)
+
+    stats = audit_commands.add_parser("stats", help="count decisions per policy, reason, subject, workload "
+                                                    "and token audience")
+    add_source_arguments(stats)
+    _add_filter_arguments(stats)
+    stats.add_argument("--policies", nargs="+", action="extend", metavar="PATH",
+                       help="policy files or folders: take the policies that require re-authentication from "
+                            "them for the step-up challenge rate, instead of inferring them from the log")
+    stats.add_argument("--provider", default="extauthz", help="with --policies: the CUSTOM provider name")
+    stats.add_argument("--top", type=int, default=10, help="how many denied subjects and workloads to list")
+    stats.set_defaults(run=_audit_stats)
+
+
+def _add_policy_replay_command(policy_commands) -> None:
+    from extauthz.audit_read import add_source_arguments
+
+    replay = policy_commands.add_parser(
+        "replay", help="decide logged requests again under candidate policies and list what would change")
+    add_source_arguments(replay, files_option="--log")
+    replay.add_argument("--policies", nargs="+", action="extend", required=True, metavar="PATH",
+                        help="the candidate policy files or folders")
+    replay.add_argument("--config", help="extauthz configuration: issuers, provider, root namespace, secret names "
+                                         "and the decision_log header and claim lists")
+    replay.add_argument("--provider", help="without --config: the CUSTOM provider name (default: extauthz)")
+    replay.add_argument("--root-namespace", help="without --config: the root namespace (default: istio-system)")
+    replay.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+    replay.set_defaults(run=_policy_replay)
+
+
+# --- end of audit query|stats and policy replay -------------------------------------------------
+
+
 def _envoy_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -331,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     identity.add_argument("--claims", help="end-user claims as a JSON object; skips only the signature check")
     explain.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     explain.set_defaults(run=_policy_explain)
+
+    _add_policy_replay_command(policy_commands)
+
+    # audit query|stats (audit_query.py). `audit verify|keygen|jwks` add their parsers to audit_commands.
+    audit = commands.add_parser("audit", help="query, count and check decision logs")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    _add_audit_read_commands(audit_commands)
 
     envoy = commands.add_parser("envoy-config", help="print an Envoy configuration that calls extauthz")
     envoy.add_argument("--config", required=True, help="extauthz configuration (its listen.grpc address)")
