@@ -23,8 +23,8 @@ from extauthz.config import Address, Config
 
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
-# Active health checks of worker endpoints. A stopped worker leaves the rotation after
-# UNHEALTHY_THRESHOLD failed checks, so within about two intervals.
+# Active health checks of worker endpoints. A worker that stopped answering leaves the rotation after
+# `unhealthy_threshold` failed checks, so within about two seconds.
 HEALTH_CHECK = {
     "timeout": "1s",
     "interval": "1s",

@@ -51,7 +51,7 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 RELOAD_POLL_INTERVAL = 1.0
 # Configuration sections that a reload does not apply.
 RESTART_SECTIONS = ("listen", "token", "decision_log", "limits", "server", "store", "secrets")
-# Where a worker's side listener binds: only the supervisor connects to it.
+# Address of a worker's side listener, to which only the supervisor connects.
 WORKER_HTTP = Address("127.0.0.1", 0)
 
 
@@ -66,7 +66,7 @@ def worker_path(path: Path, worker: int) -> Path:
 def worker_decision_log(config: DecisionLogConfig, worker: int) -> DecisionLogConfig:
     """Return the decision log configuration of one worker: a file sink gets the worker's own file.
 
-    Workers share stdout, where each record is one write of one line.
+    With the stdout sink, every worker writes to the standard output that they all inherited.
     """
     if config.path is None:
         return config

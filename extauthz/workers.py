@@ -1,7 +1,7 @@
 """Worker processes on one host: `extauthz serve --workers N` (or `server.workers: N`).
 
-One Python process answers Checks on about one CPU, because of the GIL. With N workers, the process
-that `serve` starts becomes a supervisor that answers no Check itself:
+One Python process uses about one CPU for Checks, because of the GIL. With N workers, the process
+that `serve` starts becomes a supervisor that serves no Check itself:
 
 - It starts each worker as a fresh `python -m extauthz serve ... --worker-index I` process. A fresh
   interpreter inherits no grpcio state, which grpcio does not support across fork. This module never
@@ -83,6 +83,8 @@ def prepare_worker(worker: int, cpu_affinity: bool, supervisor_pid: int) -> None
     except (OSError, AttributeError):
         log.warning("cannot ask the kernel to stop this worker with its supervisor", extra={"worker": worker})
     if os.getppid() != supervisor_pid:
+        log.error("the supervisor exited before this worker started; exiting",
+                  extra={"worker": worker, "supervisor_pid": supervisor_pid})
         raise SystemExit(1)
     if cpu_affinity:
         cpu = worker_cpu(worker)
@@ -100,7 +102,7 @@ def report_listening(status_fd: int, http_port: int) -> None:
 
 
 def check_ports_free(config: Config) -> None:
-    """Raise ConfigError when another process holds the shared gRPC port or a worker's own port.
+    """Raise ConfigError when another process listens on the shared gRPC port or a worker's own port.
 
     The workers bind with SO_REUSEPORT, which would silently share a port with another process that
     also sets it, such as a second supervisor. A plain bind here fails on any held port.
@@ -130,7 +132,7 @@ def _worker_get(port: int, path: str) -> tuple[int, bytes]:
 
 @dataclass
 class Worker:
-    """One worker process as the supervisor sees it."""
+    """The supervisor's record of one worker process."""
 
     index: int
     process: subprocess.Popen | None = None
@@ -216,7 +218,7 @@ class Supervisor:
         return body.decode() if status == 200 else None
 
     def jwks(self) -> bytes:
-        """Return the union of every worker's JWKS, or the last union when no worker answers."""
+        """Return the union of every worker's JWKS, or the last union when no worker responds."""
         keys: dict[str, dict] = {}
         answered = False
         for worker in self.workers:
@@ -291,9 +293,8 @@ class Supervisor:
         except (ValueError, KeyError, TypeError):
             # The worker closed the pipe without a message: it is exiting, which the main loop handles.
             return
-        log.info("worker listening", extra={"worker": worker.index, "pid": worker.process.pid if worker.process
-                                            else None, "worker_grpc": str(self.config.listen.worker_address(
-                                                worker.index))})
+        address = self.config.listen.worker_address(worker.index)
+        log.info("worker listening", extra={"worker": worker.index, "worker_grpc": str(address)})
 
     def _wait_status(self, timeout: float) -> None:
         readers = {worker.status_reader: worker for worker in self.workers if worker.status_reader is not None}

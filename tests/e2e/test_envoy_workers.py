@@ -127,7 +127,7 @@ def stack(tmp_path_factory, idp) -> Iterator[WorkerStack]:
 
 
 def wait_for_rotation(stack: WorkerStack, idp) -> None:
-    """Send requests through Envoy until every worker has answered one.
+    """Send requests through Envoy until every worker has decided one.
 
     Envoy's health checks find the workers healthy a moment after they start. For up to about a second
     after that (seen with Envoy 1.40), Envoy still sent every Check to the worker that passed first.
@@ -194,7 +194,7 @@ def test_killed_worker_restarts(stack, idp):
             break
         time.sleep(POLL_INTERVAL)
     new_pid = stack.worker_pids()[1]
-    # Envoy's health check brings the new worker back into the rotation: poll until it answers again.
+    # Envoy's health check brings the new worker back into the rotation: poll until it decides a Check again.
     before = len(stack.decision_records(1))
     while time.monotonic() < deadline and len(stack.decision_records(1)) == before:
         stack.send("/admin", idp.token())
