@@ -846,7 +846,12 @@ def verify_minted_sample(call: grpc.UnaryUnaryMultiCallable, payload: bytes, htt
         raise BenchError(f"{scenario} sample: {problem}")
     token = _header_value(response.ok_response.headers, TOKEN_HEADER)
     assert token is not None
+    verify_minted_token(token, http_port, timeout, scenario=scenario, audience=audience, path=path)
 
+
+def verify_minted_token(token: str, http_port: int, timeout: float, *, scenario: str, audience: str = TOKEN_AUDIENCE,
+                        path: str = REQUEST_PATH) -> None:
+    """Verify a minted token's signature and claims with the JWKS that extauthz serves on `http_port`."""
     # An empty ProxyHandler keeps urllib off any HTTP proxy: the request goes to 127.0.0.1.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://127.0.0.1:{http_port}/.well-known/jwks.json", timeout=timeout) as reply:
