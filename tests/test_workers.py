@@ -189,3 +189,68 @@ def test_example_envoy_config_current(tmp_path):
     # The shipped file is the command's output after a comment header.
     assert shipped.endswith(result.stdout.decode())
     assert yaml.safe_load(shipped) == yaml.safe_load(result.stdout)
+
+
+def started_workers(stderr: bytes) -> list[tuple[int, int]]:
+    """Return (worker index, pid) of every worker start in the supervisor's log, in order."""
+    return [(record["worker"], record["pid"]) for record in log_records(stderr)
+            if record.get("message") == "worker started"]
+
+
+def test_supervisor_never_loads_grpcio(tmp_path, idp, redis_server):  # noqa: F811
+    server = ServeProcess(tmp_path, idp, workers=2, overrides={"store": {"url": redis_server.url}})
+    try:
+        server.start()
+        server.wait_ready()
+        assert server.process is not None
+        supervisor_maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+        worker_maps = [Path(f"/proc/{pid}/maps").read_text() for _, pid in started_workers(server.stderr())]
+    finally:
+        server.stop()
+    # grpcio's core is the extension module cygrpc: mapped into every worker, never into the supervisor.
+    assert "cygrpc" not in supervisor_maps
+    assert len(worker_maps) == 2
+    assert all("cygrpc" in maps for maps in worker_maps)
+
+
+def test_cpu_affinity_pins_workers(tmp_path, idp, redis_server):  # noqa: F811
+    overrides = {"store": {"url": redis_server.url}, "server": {"cpu_affinity": True}}
+    server = ServeProcess(tmp_path, idp, workers=2, overrides=overrides)
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        server.start()
+        server.wait_ready()
+        affinity = {index: os.sched_getaffinity(pid) for index, pid in started_workers(server.stderr())}
+    finally:
+        server.stop()
+    assert affinity == {0: {cpus[0]}, 1: {cpus[1 % len(cpus)]}}
+
+
+def test_crash_loop_stops_service(tmp_path, idp, redis_server):  # noqa: F811
+    server = ServeProcess(tmp_path, idp, workers=2, overrides={"store": {"url": redis_server.url}})
+    killed: list[int] = []
+    try:
+        server.start()
+        server.wait_ready()
+        assert server.process is not None
+        # Kill worker 0 each time it starts again, until the supervisor gives up: at most 10 kills, each
+        # waiting at most STOP_TIMEOUT seconds for the next start.
+        for _ in range(10):
+            pid = [pid for index, pid in started_workers(server.stderr()) if index == 0][-1]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline and server.process.poll() is None:
+                if [pid for index, pid in started_workers(server.stderr()) if index == 0][-1] != killed[-1]:
+                    break
+                time.sleep(0.05)
+            if server.process.poll() is not None:
+                break
+        exit_code = server.process.wait(timeout=STOP_TIMEOUT)
+    finally:
+        server.stop()
+    messages = [record["message"] for record in log_records(server.stderr())]
+    assert exit_code == 1
+    assert len(killed) == 6
+    assert messages.count("worker exited; starting it again") == 5
+    assert "workers keep exiting; stopping the service" in messages
