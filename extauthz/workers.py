@@ -11,7 +11,8 @@ that `serve` starts becomes a supervisor that serves no Check itself:
   the workers' own ports in a round-robin cluster, which spreads Checks evenly.
 - It serves `listen.http` itself: the JWKS is the union of every worker's JWKS, /metrics is every
   worker's metrics with a `worker` label plus the supervisor's own, and /readyz is 200 only while every
-  worker is ready. Each worker's own side listener is on an ephemeral loopback port.
+  worker is ready. Each worker's own side listener is on an ephemeral loopback port. The JWKS keeps
+  the keys of a worker that exited for `token.ttl` + 60 s, so its last tokens still verify.
 - It forwards SIGHUP to every worker. SIGTERM and SIGINT go to every worker as SIGTERM, and the
   supervisor waits for them to drain.
 - A worker that exits while the service runs is logged and started again after RESTART_DELAY. If
@@ -44,6 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extauthz.config import Config
 from extauthz.errors import ConfigError
 from extauthz.http_listener import JWKS_PATH, SideApp, SideListener
+from extauthz.keys import CLOCK_SKEW
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ POLL_INTERVAL = 0.2
 READINESS_INTERVAL = 0.5
 # Seconds one request of the supervisor to a worker's side listener may take.
 WORKER_HTTP_TIMEOUT = 2.0
+# Seconds between two reads of each worker's public keys, so that a key rotation reaches the supervisor.
+KEYS_REFRESH_INTERVAL = 60.0
 # Seconds a worker may take from its start to listening, including loading keys and policies.
 START_TIMEOUT = 60.0
 # Seconds between a worker's exit and its restart.
@@ -144,6 +148,9 @@ class Worker:
     store: str = "ok"
     restart_at: float | None = None
     status_buffer: bytes = field(default=b"", repr=False)
+    # The public keys the worker served last, and when they were read (time.monotonic()).
+    keys: list[dict] = field(default_factory=list)
+    keys_read_at: float = 0.0
 
     @property
     def running(self) -> bool:
@@ -188,7 +195,9 @@ class Supervisor:
         self._exits: list[float] = []
         self._received: list[int] = []
         self._stopping = threading.Event()
-        self._union_jwks = b'{"keys":[]}'
+        # Public keys of exited workers, each with the wall-clock time until which it is served.
+        self._exited_keys: list[tuple[dict, float]] = []
+        self._keys_lock = threading.Lock()
 
         self.registry = CollectorRegistry(auto_describe=True)
         self.restarts = Counter("extauthz_worker_restarts", "Worker processes started again after they exited.",
@@ -218,19 +227,42 @@ class Supervisor:
         return body.decode() if status == 200 else None
 
     def jwks(self) -> bytes:
-        """Return the union of every worker's JWKS, or the last union when no worker responds."""
-        keys: dict[str, dict] = {}
-        answered = False
+        """Return the union of every worker's JWKS and the keys of workers that exited recently.
+
+        A worker that does not respond contributes the keys it served last.
+        """
         for worker in self.workers:
-            text = self.worker_text(worker, JWKS_PATH)
-            if text is None:
-                continue
-            answered = True
-            for key in json.loads(text).get("keys", []):
+            self._refresh_keys(worker)
+        now = time.time()
+        keys: dict[str, dict] = {}
+        with self._keys_lock:
+            self._exited_keys = [(key, until) for key, until in self._exited_keys if until > now]
+            for worker in self.workers:
+                for key in worker.keys:
+                    keys.setdefault(key.get("kid"), key)
+            for key, _ in self._exited_keys:
                 keys.setdefault(key.get("kid"), key)
-        if answered:
-            self._union_jwks = json.dumps({"keys": list(keys.values())}, separators=(",", ":")).encode()
-        return self._union_jwks
+        return json.dumps({"keys": list(keys.values())}, separators=(",", ":")).encode()
+
+    def _refresh_keys(self, worker: Worker) -> None:
+        """Read one worker's JWKS and keep its keys; keep the previous keys when the worker does not respond."""
+        text = self.worker_text(worker, JWKS_PATH)
+        if text is None:
+            return
+        try:
+            keys = json.loads(text).get("keys", [])
+        except (ValueError, AttributeError):
+            return
+        with self._keys_lock:
+            worker.keys = [key for key in keys if isinstance(key, dict)]
+            worker.keys_read_at = time.monotonic()
+
+    def _keep_exited_keys(self, worker: Worker) -> None:
+        """Keep serving the keys of a worker that exited for as long as the tokens it signed may be valid."""
+        until = time.time() + self.config.token.ttl + CLOCK_SKEW
+        with self._keys_lock:
+            self._exited_keys += [(key, until) for key in worker.keys]
+            worker.keys = []
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)
@@ -246,6 +278,9 @@ class Supervisor:
         while not self._stopping.wait(READINESS_INTERVAL):
             for worker in self.workers:
                 worker.ready, worker.store = self._worker_readiness(worker)
+                # Known keys let the JWKS include a worker that dies before a backend fetches it.
+                if worker.ready and time.monotonic() - worker.keys_read_at > KEYS_REFRESH_INTERVAL:
+                    self._refresh_keys(worker)
             if self.is_ready() and not logged_ready:
                 logged_ready = True
                 log.info("ready", extra={"workers": len(self.workers), "http": str(self.config.listen.http)})
@@ -343,6 +378,7 @@ class Supervisor:
                 os.close(worker.status_reader)
                 worker.status_reader = None
             worker.ready = False
+            self._keep_exited_keys(worker)
             self._exits = [moment for moment in self._exits if now - moment < EXIT_WINDOW] + [now]
             cause = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}
             if len(self._exits) > MAX_EXITS:

@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import jwt
 import pytest
-from helpers import TOKEN_ISSUER
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from helpers import TOKEN_ISSUER, check_request
 from processes import LOOPBACK, ServeProcess, find_envoy, http_get, loopback_ports, stop_process, wait_for_http_ok
 from prometheus_client.parser import text_string_to_metric_families
 from redis_servers import RedisServer
@@ -184,6 +186,11 @@ def test_tokens_verify_against_jwks(stack, idp):
 
 
 def test_killed_worker_restarts(stack, idp):
+    # A token that worker 1 minted just before it dies, asked for on its own port.
+    with grpc.insecure_channel(f"{LOOPBACK}:{stack.server.worker_ports[1]}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        response = stub.Check(check_request(path="/admin", token=idp.token()), timeout=10)
+    last_token = response.ok_response.headers[0].header.value
     killed = stack.worker_pids()[1]
     os.kill(killed, signal.SIGKILL)
 
@@ -200,6 +207,12 @@ def test_killed_worker_restarts(stack, idp):
         stack.send("/admin", idp.token())
         time.sleep(POLL_INTERVAL)
 
+    _, _, body = http_get(stack.server.http_port, "/.well-known/jwks.json")
+    key_set = jwt.PyJWKSet.from_dict(json.loads(body))
+    kid = jwt.get_unverified_header(last_token)["kid"]
+    claims = jwt.decode(last_token, key_set[kid].key, algorithms=["ES256"], audience="admin-api", issuer=TOKEN_ISSUER)
+
+    assert claims["tctx"]["path"] == "/admin"
     assert stack.metric("extauthz_worker_restarts_total", {"worker": "1"}) == 1.0
     assert new_pid != killed
     assert stack.server.process.poll() is None
