@@ -12,8 +12,14 @@ Scenarios, measured in this order in every round:
     floor             the allow-all server: the cost of grpcio and of this client alone
     allow-mint        extauthz with one valid end-user token reused for every call, so its verified-token
                       cache hits. Every Check matches the sensitive route and mints a per-request token.
-    allow-mint-redis  (only when asked for) allow-mint against the extauthz whose store is Redis: the
-                      revocation checks read a local copy that a background thread syncs from Redis
+    allow-new-token   allow-mint with a new end-user token on every call, from a pool signed before the
+                      round, so every Check verifies an ES256 signature and misses the cache
+    allow-mint-redis  allow-mint against the extauthz whose store is Redis: the revocation checks read a
+                      local copy that a background thread syncs from Redis
+    allow-mint-workers2
+                      allow-mint against `extauthz serve --workers 2 --cpu-affinity` with the Redis store,
+                      the client's calls going round-robin over both workers' own ports; compared with
+                      allow-mint-redis (one worker) of the same round
     step-up-deny      extauthz with a token whose login is older than the route's max age: 401 step-up
     one-time-memory   (only when asked for) the one-time-token route with the memory store. Every call
                       sends a new token from a pool signed before the round, so every Check verifies
@@ -64,14 +70,21 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauthz.dev_idp import DEV_AUDIENCE, DEV_ISSUER, generate_idp_keys, load_idp_key, sign_user_token
+from extauthz.server import worker_path
 
-SCENARIOS = ("floor", "allow-mint", "allow-mint-redis", "step-up-deny", "one-time-memory", "one-time-redis",
-             "floor-aio")
-DEFAULT_SCENARIOS = ("floor", "allow-mint", "step-up-deny")
-REDIS_SCENARIOS = frozenset({"allow-mint-redis", "one-time-redis"})
+SCENARIOS = ("floor", "allow-mint", "allow-new-token", "allow-mint-redis", "allow-mint-workers2", "step-up-deny",
+             "one-time-memory", "one-time-redis", "floor-aio")
+DEFAULT_SCENARIOS = ("floor", "allow-mint", "allow-new-token", "allow-mint-redis", "allow-mint-workers2",
+                     "step-up-deny")
+REDIS_SCENARIOS = frozenset({"allow-mint-redis", "allow-mint-workers2", "one-time-redis"})
 ONE_TIME_SCENARIOS = frozenset({"one-time-memory", "one-time-redis"})
+# Scenarios whose every call sends a new end-user token from a pool signed before the round.
+NEW_TOKEN_SCENARIOS = ONE_TIME_SCENARIOS | {"allow-new-token"}
 # Each Redis scenario and the memory-store scenario that sends the same requests, for the ratio.
 MEMORY_COUNTERPARTS = {"allow-mint-redis": "allow-mint", "one-time-redis": "one-time-memory"}
+# The several-worker scenario and the one-worker scenario with the same store and requests.
+ONE_WORKER_COUNTERPARTS = {"allow-mint-workers2": "allow-mint-redis"}
+WORKERS = 2
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 # Ports that a local demo uses, and Redis's default port, which another Redis may use: never bind
@@ -160,6 +173,16 @@ def _bounded(kind: Callable[[str], float], low: float, high: float, unit: str) -
     return parse
 
 
+def _cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        cpus = tuple(int(item) for item in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid CPU list {text!r}: write CPU numbers such as 0,2") from exc
+    if len(cpus) != WORKERS or len(set(cpus)) != WORKERS or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"invalid CPU list {text!r}: name {WORKERS} different CPUs, such as 0,2")
+    return cpus
+
+
 def _scenario_list(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in SCENARIOS]
@@ -194,15 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU number both servers are pinned to with taskset")
     parser.add_argument("--client-cpu", type=_bounded(int, 0, 4095, ""), default=1,
                         help="CPU number the load client (this process) is pinned to")
+    parser.add_argument("--workers-cpus", type=_cpu_list,
+                        help="CPUs of the two-worker extauthz (allow-mint-workers2), comma-separated; worker i "
+                             "runs on the i-th (default: --server-cpu and another CPU, the client's only when "
+                             "there is no third)")
 
     parser.add_argument("--scenarios", type=_scenario_list, default=",".join(DEFAULT_SCENARIOS),
                         help=f"comma-separated scenarios to measure, from {','.join(SCENARIOS)}; ratios need "
                              "floor, and a Redis scenario's ratio to the memory store needs its memory "
                              "counterpart (allow-mint, one-time-memory)")
     parser.add_argument("--one-time-max-rate", type=_bounded(int, 100, 50_000, "Checks/s"), default=4000,
-                        help="Checks/s that the one-time scenarios may reach: each round signs "
-                             "rate x (warm-up + duration) + in-flight tokens per one-time scenario before "
-                             "its load starts, and a scenario that uses them all up fails (100 to 50000)")
+                        help="Checks/s that the scenarios with a new token per call (allow-new-token, one-time-*) "
+                             "may reach: each round signs rate x (warm-up + duration) + in-flight tokens per such "
+                             "scenario before its load starts, and a scenario that uses them all up fails "
+                             "(100 to 50000)")
     parser.add_argument("--call-timeout", type=_bounded(float, 0.1, 60, "seconds"), default=5.0,
                         help="deadline of each Check call, in seconds; a call past it counts as an error")
     parser.add_argument("--startup-timeout", type=_bounded(float, 1, 120, "seconds"), default=30.0,
@@ -312,6 +340,28 @@ def free_port() -> int:
     raise BenchError("no free loopback port found in 100 tries")
 
 
+def consecutive_free_ports(count: int) -> int:
+    """Return the first of `count` consecutive loopback TCP ports that are free now, none in RESERVED_PORTS."""
+    for _ in range(100):
+        first = free_port()
+        ports = range(first, first + count)
+        if first + count > 65536 or RESERVED_PORTS.intersection(ports):
+            continue
+        probes: list[socket.socket] = []
+        try:
+            for port in ports:
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise BenchError(f"no {count} consecutive free loopback ports found in 100 tries")
+
+
 @dataclass
 class Setup:
     folder: Path
@@ -328,6 +378,12 @@ class Setup:
     redis_grpc_port: int
     redis_http_port: int
     redis_port: int
+    # The two-worker extauthz, with the same Redis: the shared port, the side listener, each worker's port.
+    workers_config: Path
+    workers_decision_log: Path | None
+    workers_grpc_port: int
+    workers_http_port: int
+    worker_ports: tuple[int, ...]
 
 
 def _extauthz_config(grpc_port: int, http_port: int, threads: int, decision_log: Path | None) -> dict[str, Any]:
@@ -355,10 +411,17 @@ def write_setup(folder: Path, threads: int, decision_log_sink: str) -> Setup:
 
     decision_log = folder / "decisions.jsonl" if decision_log_sink == "file" else None
     redis_decision_log = folder / "decisions-redis.jsonl" if decision_log_sink == "file" else None
+    # Each worker writes its own file: decisions-workers.worker-0.jsonl and decisions-workers.worker-1.jsonl.
+    workers_decision_log = folder / "decisions-workers.jsonl" if decision_log_sink == "file" else None
+    first_worker_port = consecutive_free_ports(WORKERS)
+    worker_ports = tuple(range(first_worker_port, first_worker_port + WORKERS))
     ports: set[int] = set()
-    while len(ports) < 7:
-        ports.add(free_port())
-    grpc_port, http_port, floor_port, floor_aio_port, redis_grpc_port, redis_http_port, redis_port = sorted(ports)
+    while len(ports) < 9:
+        port = free_port()
+        if port not in worker_ports:
+            ports.add(port)
+    (grpc_port, http_port, floor_port, floor_aio_port, redis_grpc_port, redis_http_port, redis_port,
+     workers_grpc_port, workers_http_port) = sorted(ports)
 
     config = _extauthz_config(grpc_port, http_port, threads, decision_log)
     config_path = folder / "config.yaml"
@@ -368,8 +431,16 @@ def write_setup(folder: Path, threads: int, decision_log_sink: str) -> Setup:
     redis_config["store"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
     redis_config_path = folder / "config-redis.yaml"
     redis_config_path.write_text(yaml.safe_dump(redis_config, sort_keys=False), encoding="utf-8")
+
+    workers_config = _extauthz_config(workers_grpc_port, workers_http_port, threads, workers_decision_log)
+    workers_config["store"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
+    workers_config["listen"]["worker_grpc"] = f"127.0.0.1:{first_worker_port}"
+    workers_config["server"].update({"workers": WORKERS, "cpu_affinity": True})
+    workers_config_path = folder / "config-workers.yaml"
+    workers_config_path.write_text(yaml.safe_dump(workers_config, sort_keys=False), encoding="utf-8")
     return Setup(folder, idp_key, config_path, decision_log, grpc_port, http_port, floor_port, floor_aio_port,
-                 redis_config_path, redis_decision_log, redis_grpc_port, redis_http_port, redis_port)
+                 redis_config_path, redis_decision_log, redis_grpc_port, redis_http_port, redis_port,
+                 workers_config_path, workers_decision_log, workers_grpc_port, workers_http_port, worker_ports)
 
 
 def user_token(idp_key: Path, login_age: float) -> str:
@@ -386,11 +457,11 @@ def one_time_token(private_key: Any, kid: str, now: int) -> str:
     return jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": kid, "typ": "JWT"})
 
 
-def one_time_payloads(idp_key: Path, count: int) -> list[bytes]:
-    """Sign `count` tokens, each with its own jti, and return one CheckRequest for GET /transfers/7 per token."""
+def one_time_payloads(idp_key: Path, count: int, path: str = ONE_TIME_PATH) -> list[bytes]:
+    """Sign `count` tokens, each with its own jti, and return one CheckRequest for GET `path` per token."""
     private_key, kid = load_idp_key(idp_key)
     now = int(time.time())
-    return [check_request_bytes(one_time_token(private_key, kid, now), path=ONE_TIME_PATH) for _ in range(count)]
+    return [check_request_bytes(one_time_token(private_key, kid, now), path=path) for _ in range(count)]
 
 
 def check_request_bytes(token: str, *, path: str = REQUEST_PATH, request_id: str = "bench-request") -> bytes:
@@ -430,19 +501,24 @@ def _die_with_parent() -> Callable[[], None]:
 
 
 class ServerProcess:
-    """A server started under `taskset -c CPU`, with its output in a log file.
+    """A server started under `taskset -c CPUS`, with its output in a log file.
 
-    `grpc_port` is None for a server that does not speak gRPC (RedisProcess).
+    `cpu` is one CPU number or a tuple of them. `grpc_port` is None for a server that does not speak
+    gRPC (RedisProcess). `grpc_ports` are the ports the client spreads its calls over: `grpc_port`
+    unless given.
     """
 
-    def __init__(self, name: str, argv: list[str], cpu: int, log_path: Path, grpc_port: int | None):
+    def __init__(self, name: str, argv: list[str], cpu: int | tuple[int, ...], log_path: Path, grpc_port: int | None,
+                 grpc_ports: tuple[int, ...] | None = None):
         self.name = name
-        self.cpu = cpu
+        self.cpus = cpu if isinstance(cpu, tuple) else (cpu,)
         self.log_path = log_path
         self.grpc_port = grpc_port
+        self.grpc_ports = grpc_ports or (() if grpc_port is None else (grpc_port,))
+        cpu_list = ",".join(str(item) for item in self.cpus)
         with open(log_path, "wb") as log_file:
             # A new session keeps a terminal's Ctrl-C away from the servers: this script stops them.
-            self.process = subprocess.Popen(["taskset", "-c", str(cpu), *argv], stdin=subprocess.DEVNULL,
+            self.process = subprocess.Popen(["taskset", "-c", cpu_list, *argv], stdin=subprocess.DEVNULL,
                                             stdout=log_file, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=_die_with_parent())
 
@@ -473,12 +549,13 @@ class ServerProcess:
 
     def check_affinity(self) -> None:
         affinity = os.sched_getaffinity(self.pid)
-        if affinity != {self.cpu}:
+        if affinity != set(self.cpus):
             raise BenchError(f"{self.name} (pid {self.pid}) runs on CPUs {sorted(affinity)}, expected "
-                             f"only CPU {self.cpu}")
+                             f"only CPUs {list(self.cpus)}")
 
     def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.pid)
+        """Return the CPU time of this server and of its child processes (the workers of a supervisor)."""
+        return process_cpu_seconds(self.pid) + sum(process_cpu_seconds(child) for child in child_pids(self.pid))
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -559,9 +636,28 @@ def cpu_busy_ticks(cpus: tuple[int, ...]) -> list[tuple[int, int]]:
     return [counters[cpu] for cpu in cpus]
 
 
+def child_pids(pid: int) -> list[int]:
+    """Return the pids of the running children of process `pid`, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
 def process_cpu_seconds(pid: int | str) -> float:
     """Return the user + system CPU time of every thread of a process, from /proc/PID/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        # A worker that exited between listing and reading: its time is lost, which the report shows as less CPU.
+        return 0.0
     # Fields after the command name, which is in parentheses and may contain spaces.
     fields = text[text.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -596,6 +692,8 @@ class Measurement:
     store_cpu_pct: float | None = None
     # Checks/s divided by the Checks/s of the memory-store counterpart in the same round.
     ratio_to_memory: float | None = None
+    # Checks/s divided by the Checks/s of the one-worker counterpart in the same round.
+    ratio_to_one_worker: float | None = None
 
 
 Validator = Callable[[external_auth_pb2.CheckResponse], str | None]
@@ -615,10 +713,10 @@ def drive(calls: list[grpc.UnaryUnaryMultiCallable], payloads: list[bytes], vali
           store: ServerProcess | None = None) -> Measurement:
     """Keep `in_flight` calls going for warmup + duration seconds, then wait for the last ones.
 
-    Every call sends `payloads[0]`, or with `one_use` the next unused payload. A pool of one-use
-    payloads that runs out before the window ends raises BenchError. Only calls that complete inside
-    the measured window count towards Checks/s and latency. Every response of the round is validated,
-    warm-up and drain included. `store` is a process whose CPU time is measured too.
+    Calls go round-robin over `calls`. Every call sends `payloads[0]`, or with `one_use` the next
+    unused payload. A pool of one-use payloads that runs out before the window ends raises BenchError.
+    Only calls that complete inside the measured window count towards Checks/s and latency. Every
+    response of the round is validated, warm-up and drain included. `store` is a process whose CPU time is measured too.
     """
     completions: queue.SimpleQueue[tuple[float, float, grpc.Future]] = queue.SimpleQueue()
     issued = 0
@@ -748,7 +846,12 @@ def verify_minted_sample(call: grpc.UnaryUnaryMultiCallable, payload: bytes, htt
         raise BenchError(f"{scenario} sample: {problem}")
     token = _header_value(response.ok_response.headers, TOKEN_HEADER)
     assert token is not None
+    verify_minted_token(token, http_port, timeout, scenario=scenario, audience=audience, path=path)
 
+
+def verify_minted_token(token: str, http_port: int, timeout: float, *, scenario: str, audience: str = TOKEN_AUDIENCE,
+                        path: str = REQUEST_PATH) -> None:
+    """Verify a minted token's signature and claims with the JWKS that extauthz serves on `http_port`."""
     # An empty ProxyHandler keeps urllib off any HTTP proxy: the request goes to 127.0.0.1.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://127.0.0.1:{http_port}/.well-known/jwks.json", timeout=timeout) as reply:
@@ -798,7 +901,9 @@ def run_rounds(args: argparse.Namespace, setup: Setup, servers: dict[str, Server
             # The floor gets the allow-mint request, so the client sends the same bytes.
             "floor": ("floor", allowed_payload, validate_floor),
             "allow-mint": ("extauthz", allowed_payload, validate_allowed),
+            "allow-new-token": ("extauthz", None, validate_allowed),
             "allow-mint-redis": ("extauthz-redis", allowed_payload, validate_allowed),
+            "allow-mint-workers2": ("extauthz-workers2", allowed_payload, validate_allowed),
             "step-up-deny": ("extauthz", stale_payload, validate_step_up),
             "one-time-memory": ("extauthz", None, validate_allowed),
             "one-time-redis": ("extauthz-redis", None, validate_allowed),
@@ -807,13 +912,20 @@ def run_rounds(args: argparse.Namespace, setup: Setup, servers: dict[str, Server
         round_results: dict[str, Measurement] = {}
         for scenario in args.scenarios:
             server_name, payload, validate = plan[scenario]
-            http_port = setup.redis_http_port if server_name == "extauthz-redis" else setup.http_port
-            if scenario in ("allow-mint", "allow-mint-redis"):
-                verify_minted_sample(clients[server_name][0], allowed_payload, http_port, args.call_timeout,
+            http_port = {"extauthz-redis": setup.redis_http_port,
+                         "extauthz-workers2": setup.workers_http_port}.get(server_name, setup.http_port)
+            if scenario in ("allow-mint", "allow-mint-redis", "allow-mint-workers2"):
+                # One sample per channel, so that with workers every worker's minted token is verified.
+                for call in clients[server_name]:
+                    verify_minted_sample(call, allowed_payload, http_port, args.call_timeout, scenario=scenario)
+            if scenario == "allow-new-token":
+                [new_token] = one_time_payloads(setup.idp_key, 1, REQUEST_PATH)
+                verify_minted_sample(clients[server_name][0], new_token, http_port, args.call_timeout,
                                      scenario=scenario)
-            if payload is None:
+            if scenario in ONE_TIME_SCENARIOS:
                 verify_one_time_sample(clients[server_name][0], setup.idp_key, http_port, args.call_timeout,
                                        scenario)
+            if payload is None:
                 payloads = sign_pool(args, setup, scenario)
             else:
                 payloads = [payload]
@@ -839,6 +951,9 @@ def run_rounds(args: argparse.Namespace, setup: Setup, servers: dict[str, Server
             memory = round_results.get(MEMORY_COUNTERPARTS.get(result.scenario, ""))
             if memory is not None and memory.checks_per_s > 0:
                 result.ratio_to_memory = result.checks_per_s / memory.checks_per_s
+            one_worker = round_results.get(ONE_WORKER_COUNTERPARTS.get(result.scenario, ""))
+            if one_worker is not None and one_worker.checks_per_s > 0:
+                result.ratio_to_one_worker = result.checks_per_s / one_worker.checks_per_s
             measurements.append(result)
     return measurements
 
@@ -848,8 +963,9 @@ def sign_pool(args: argparse.Namespace, setup: Setup, scenario: str) -> list[byt
     warm-up and measured time, plus one per call in flight."""
     count = math.ceil(args.one_time_max_rate * (args.warmup + args.duration)) + args.in_flight
     started = time.perf_counter()
-    payloads = one_time_payloads(setup.idp_key, count)
-    print(f"{scenario}: signed {count} one-time tokens in {time.perf_counter() - started:.1f} s",
+    path = REQUEST_PATH if scenario == "allow-new-token" else ONE_TIME_PATH
+    payloads = one_time_payloads(setup.idp_key, count, path)
+    print(f"{scenario}: signed {count} new tokens in {time.perf_counter() - started:.1f} s",
           file=sys.stderr, flush=True)
     return payloads
 
@@ -864,11 +980,16 @@ def render_markdown(measurements: list[Measurement], scenarios: tuple[str, ...])
     """Render the summary and per-round tables.
 
     With a Redis scenario, both tables get a column for the Redis server's CPU and one for the ratio
-    to the memory-store counterpart measured in the same round.
+    to the memory-store counterpart measured in the same round. With allow-mint-workers2, they get the
+    ratio to one worker too.
     """
     with_redis = bool(REDIS_SCENARIOS & set(scenarios))
+    with_workers = "allow-mint-workers2" in scenarios
     redis_header = " Redis CPU % | Checks/s ÷ memory store |" if with_redis else ""
     redis_align = " ---: | ---: |" if with_redis else ""
+    if with_workers:
+        redis_header += " Checks/s ÷ one worker |"
+        redis_align += " ---: |"
     lines = ["Per scenario, min / median / max over rounds. CPU is percent of one CPU during the measured window.",
              "",
              f"| scenario | Checks/s | p50 ms | p99 ms | Checks/s ÷ floor | server CPU % |{redis_header} "
@@ -886,6 +1007,9 @@ def render_markdown(measurements: list[Measurement], scenarios: tuple[str, ...])
             memory_ratios = [m.ratio_to_memory for m in rows if m.ratio_to_memory is not None]
             redis_cells = (f" {_spread(store_cpu, 0) if store_cpu else '-'} "
                            f"| {_spread(memory_ratios, 3) if memory_ratios else '-'} |")
+        if with_workers:
+            worker_ratios = [m.ratio_to_one_worker for m in rows if m.ratio_to_one_worker is not None]
+            redis_cells += f" {_spread(worker_ratios, 3) if worker_ratios else '-'} |"
         lines.append(
             f"| {scenario} | {_spread([m.checks_per_s for m in rows], 0)} | {_spread([m.p50_ms for m in rows], 2)} "
             f"| {_spread([m.p99_ms for m in rows], 2)} | {_spread(ratios, 3) if ratios else '-'} "
@@ -904,6 +1028,8 @@ def render_markdown(measurements: list[Measurement], scenarios: tuple[str, ...])
             store_cpu = f"{m.store_cpu_pct:.0f}" if m.store_cpu_pct is not None else "-"
             memory_ratio = f"{m.ratio_to_memory:.3f}" if m.ratio_to_memory is not None else "-"
             redis_cells = f" {store_cpu} | {memory_ratio} |"
+        if with_workers:
+            redis_cells += f" {m.ratio_to_one_worker:.3f} |" if m.ratio_to_one_worker is not None else " - |"
         lines.append(f"| {m.round} | {m.scenario} | {m.checks_per_s:.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} "
                      f"| {ratio} | {m.server_cpu_pct:.0f} | {m.server_core_busy_pct:.0f} |{redis_cells} "
                      f"{m.client_cpu_pct:.0f} | {m.client_core_busy_pct:.0f} | {m.errors} |")
@@ -954,6 +1080,16 @@ def check_environment(args: argparse.Namespace) -> None:
             raise BenchError(f"{option} {cpu}: CPU not available to this process (available: {sorted(available)})")
     if args.server_cpu == args.client_cpu:
         raise BenchError("--server-cpu and --client-cpu must differ, or the client competes with the servers")
+    if args.workers_cpus is None:
+        others = sorted(available - {args.server_cpu, args.client_cpu})
+        args.workers_cpus = (args.server_cpu, others[0] if others else args.client_cpu)
+    for cpu in args.workers_cpus:
+        if cpu not in available:
+            raise BenchError(f"--workers-cpus {cpu}: CPU not available to this process "
+                             f"(available: {sorted(available)})")
+    if "allow-mint-workers2" in args.scenarios and args.client_cpu in args.workers_cpus:
+        print(f"grpc_load.py: allow-mint-workers2 runs its second worker on CPU {args.client_cpu}, which the client "
+              "uses too: fewer than 3 CPUs are available", file=sys.stderr)
     if REDIS_SCENARIOS & set(args.scenarios) and shutil.which("redis-server") is None:
         raise BenchError("redis-server not found: install it (apt-get install redis-server) or leave out the "
                          f"Redis scenarios ({', '.join(sorted(REDIS_SCENARIOS))})")
@@ -979,7 +1115,14 @@ def start_servers(args: argparse.Namespace, setup: Setup, servers: dict[str, Ser
             "extauthz-redis", [sys.executable, "-m", "extauthz", "serve", "--config", str(setup.redis_config),
                                "--log-level", "warning"],
             args.server_cpu, setup.folder / "extauthz-redis.log", setup.redis_grpc_port)
-    if {"allow-mint", "step-up-deny", "one-time-memory"} & set(args.scenarios):
+    if "allow-mint-workers2" in args.scenarios:
+        # The supervisor and its workers may use the workers' CPUs; --cpu-affinity gives each worker one.
+        servers["extauthz-workers2"] = ServerProcess(
+            "extauthz-workers2", [sys.executable, "-m", "extauthz", "serve", "--config", str(setup.workers_config),
+                                  "--log-level", "warning"],
+            args.workers_cpus, setup.folder / "extauthz-workers2.log", setup.workers_grpc_port,
+            grpc_ports=setup.worker_ports)
+    if {"allow-mint", "allow-new-token", "step-up-deny", "one-time-memory"} & set(args.scenarios):
         servers["extauthz"] = ServerProcess(
             "extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(setup.config),
                          "--log-level", "warning"],
@@ -1003,8 +1146,10 @@ def open_clients(args: argparse.Namespace, servers: dict[str, ServerProcess],
         if server.grpc_port is None:
             continue
         clients[name] = []
-        for _ in range(args.channels):
-            channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS)
+        # With workers, the channels alternate between the workers' own ports, so calls go round-robin.
+        for index in range(args.channels * len(server.grpc_ports)):
+            port = server.grpc_ports[index % len(server.grpc_ports)]
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
             channels.append(channel)
             # Requests go pre-serialised (request_serializer=None), so the client does not
             # re-encode the same CheckRequest on every call.
@@ -1027,16 +1172,21 @@ def report(args: argparse.Namespace, setup: Setup, servers: dict[str, ServerProc
     print(render_markdown(measurements, args.scenarios))
 
     print()
-    for name, decision_log, scenarios in (
-            ("extauthz", setup.decision_log, ("allow-mint", "step-up-deny", "one-time-memory")),
-            ("extauthz-redis", setup.redis_decision_log, ("allow-mint-redis", "one-time-redis"))):
-        if decision_log is None or name not in servers:
+    worker_logs = ([] if setup.workers_decision_log is None else
+                   [worker_path(setup.workers_decision_log, index) for index in range(WORKERS)])
+    for name, decision_logs, scenarios in (
+            ("extauthz", [setup.decision_log], ("allow-mint", "allow-new-token", "step-up-deny", "one-time-memory")),
+            ("extauthz-redis", [setup.redis_decision_log], ("allow-mint-redis", "one-time-redis")),
+            ("extauthz-workers2", worker_logs, ("allow-mint-workers2",))):
+        if not decision_logs or None in decision_logs or name not in servers:
             continue
         checks = sum(m.calls for m in measurements if m.scenario in scenarios)
-        with open(decision_log, "rb") as log_file:
-            records = sum(1 for _ in log_file)
-        print(f"{name} decision log: {records} records, for {checks} Checks in the measured windows. "
-              "The log also contains the warm-up, drain and sample Checks.")
+        records = []
+        for decision_log in decision_logs:
+            with open(decision_log, "rb") as log_file:
+                records.append(sum(1 for _ in log_file))
+        print(f"{name} decision log: {' + '.join(str(count) for count in records)} records, for {checks} Checks in "
+              "the measured windows. The log also contains the warm-up, drain and sample Checks.")
     redis_server = servers.get("redis")
     if isinstance(redis_server, RedisProcess) and "one-time-redis" in args.scenarios:
         # The benchmark's configuration keeps the default store.key_prefix, `extauthz:`.
@@ -1066,11 +1216,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     planned = args.rounds * len(args.scenarios) * (args.warmup + args.duration)
     print(f"planned load time: {planned:.0f} s ({args.rounds} rounds x {len(args.scenarios)} scenarios x "
           f"({args.warmup:g} s warm-up + {args.duration:g} s measured))", file=sys.stderr)
-    one_time = len(ONE_TIME_SCENARIOS & set(args.scenarios))
-    if one_time:
+    new_token = len(NEW_TOKEN_SCENARIOS & set(args.scenarios))
+    if new_token:
         tokens = math.ceil(args.one_time_max_rate * (args.warmup + args.duration)) + args.in_flight
-        print(f"plus signing {tokens} one-time tokens before each of {args.rounds * one_time} one-time windows",
-              file=sys.stderr)
+        print(f"plus signing {tokens} new tokens before each of {args.rounds * new_token} windows that send a new "
+              "token per call", file=sys.stderr)
 
     folder = Path(tempfile.mkdtemp(prefix="extauthz-bench-"))
     servers: dict[str, ServerProcess] = {}

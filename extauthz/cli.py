@@ -24,13 +24,37 @@ ADMIN_STORE_TIMEOUT = 2.0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from extauthz.config import load_config
+    from extauthz.config import check_workers, load_config, with_server_options
     from extauthz.logs import configure_logging
-    from extauthz.server import Service
 
-    configure_logging(args.log_level)
+    worker = args.worker_index
+    configure_logging(args.log_level, fields=None if worker is None else {"worker": worker})
+    options: dict[str, object] = {}
+    if args.workers is not None:
+        options["workers"] = args.workers
+    if args.cpu_affinity:
+        options["cpu_affinity"] = True
     try:
-        service = Service(load_config(args.config))
+        config = with_server_options(load_config(args.config), options)
+        check_workers(config)
+        if worker is None and config.server.workers > 1:
+            return _supervise(args, config)
+    except (ConfigError, JWKSError) as exc:
+        print(f"extauthz: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    # Only a worker or a single process gets here, so only they import grpcio.
+    from extauthz.server import Service
+    from extauthz.workers import prepare_worker, report_listening
+
+    if worker is not None:
+        if not 0 <= worker < config.server.workers or args.worker_status_fd is None or args.supervisor_pid is None:
+            print(f"extauthz: --worker-index {worker} needs --worker-status-fd and --supervisor-pid and must be "
+                  f"below --workers {config.server.workers}; only the supervisor starts workers", file=sys.stderr)
+            return EXIT_CONFIG
+        prepare_worker(worker, config.server.cpu_affinity, args.supervisor_pid)
+    try:
+        service = Service(config, worker=worker, server_options=options)
     except (ConfigError, JWKSError) as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -45,6 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, record_signal)
     service.start()
+    if worker is not None:
+        report_listening(args.worker_status_fd, service.http_port)
     stopping = False
     while not stopping:
         time.sleep(SIGNAL_POLL_INTERVAL)
@@ -57,6 +83,23 @@ def _serve(args: argparse.Namespace) -> int:
                 stopping = True
     service.stop()
     return 0
+
+
+def _supervise(args: argparse.Namespace, config) -> int:
+    """Run `server.workers` worker processes under a supervisor (extauthz.workers), without grpcio."""
+    from extauthz.workers import Supervisor, worker_command
+
+    options = ["--workers", str(config.server.workers)] + (["--cpu-affinity"] if config.server.cpu_affinity else [])
+    supervisor = Supervisor(config, worker_command(args.config, args.log_level, options))
+    return supervisor.run()
+
+
+def _worker_count(text: str) -> int:
+    from extauthz.config import MAX_WORKERS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: use an integer from 1 to {MAX_WORKERS}")
+    return int(text)
 
 
 def _open_shared_store(config_path: str):
@@ -370,25 +413,25 @@ def _add_policy_replay_command(policy_commands) -> None:
 def _envoy_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from extauthz.config import Address, load_config
-    from extauthz.envoy_config import bootstrap, cluster_config, ext_authz_filter
+    from extauthz.config import check_workers, load_config, with_server_options
+    from extauthz.envoy_config import bootstrap, cluster_config, ext_authz_filter, extauthz_addresses
 
     try:
-        config = load_config(args.config)
+        options = {} if args.workers is None else {"workers": args.workers}
+        config = with_server_options(load_config(args.config), options)
+        check_workers(config)
         upstream = _address(args.upstream, "--upstream")
         listen = _address(args.listen, "--listen")
         admin = _address(args.admin, "--admin")
     except (ConfigError, ValueError) as exc:
         print(f"extauthz envoy-config: {exc}", file=sys.stderr)
         return 2
-    grpc = config.listen.grpc
-    if grpc.host in ("0.0.0.0", "::"):
-        grpc = Address("127.0.0.1", grpc.port)
+    addresses = extauthz_addresses(config)
     if args.filter_only:
         document = {"http_filters": [ext_authz_filter(timeout=args.timeout)],
-                    "clusters": [cluster_config("extauthz", grpc, http2=True)]}
+                    "clusters": [cluster_config("extauthz", addresses, http2=True)]}
     else:
-        document = bootstrap(listen=listen, admin=admin, extauthz=grpc, upstream=upstream,
+        document = bootstrap(listen=listen, admin=admin, extauthz=addresses, upstream=upstream,
                              namespace=args.namespace, timeout=args.timeout)
     print(yaml.safe_dump(document, sort_keys=False), end="")
     return 0
@@ -452,6 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="path of the YAML configuration file")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                        help="level of the operational log on stderr (default: info)")
+    serve.add_argument("--workers", type=_worker_count,
+                       help="worker processes, each answering Checks on its own gRPC port "
+                            "(default: server.workers, else 1); more than 1 needs a Redis store.url "
+                            "and listen.worker_grpc")
+    serve.add_argument("--cpu-affinity", action="store_true",
+                       help="pin worker i to CPU i mod the number of CPUs this process may use "
+                            "(default: server.cpu_affinity)")
+    # Set by the supervisor on the workers it starts; never by hand.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-status-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     revoke = commands.add_parser("revoke", help="revoke a subject, a session or one token on every replica")
@@ -515,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--namespace", default="default",
                        help="destination namespace sent as context extension `namespace` (default: default)")
     envoy.add_argument("--timeout", default="0.25s", help="Check timeout, such as 0.25s")
+    envoy.add_argument("--workers", type=_worker_count,
+                       help="worker processes that `serve` runs (default: server.workers); with more than 1, "
+                            "the cluster lists every worker's own port with round-robin")
     envoy.add_argument("--filter-only", action="store_true",
                        help="print only the ext_authz HTTP filter and the extauthz cluster")
     envoy.set_defaults(run=_envoy_config)

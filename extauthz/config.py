@@ -6,6 +6,7 @@ Every error names the file, the key (as a dotted path) and the fix. Unknown keys
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import re
@@ -26,6 +27,8 @@ SIGNING_ALGORITHMS = ("ES256", "EdDSA")
 _DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# An upper bound on server.workers that catches a typo such as 40 for 4.
+MAX_WORKERS = 64
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 
@@ -52,6 +55,13 @@ class Address:
 class ListenConfig:
     grpc: Address
     http: Address
+    # With server.workers > 1, worker i also listens on this host at port worker_grpc.port + i.
+    worker_grpc: Address | None = None
+
+    def worker_address(self, worker: int) -> Address:
+        """Return the gRPC address that only worker `worker` listens on."""
+        assert self.worker_grpc is not None
+        return Address(self.worker_grpc.host, self.worker_grpc.port + worker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +125,8 @@ class ServerConfig:
     max_pending: int
     drain_timeout: float
     shutdown_delay: float
+    workers: int = 1
+    cpu_affinity: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +288,15 @@ def _address(section: _Section, name: str, default: str) -> Address:
 
 def _listen(top: _Section) -> ListenConfig:
     section = top.section("listen")
+    worker_grpc = None if section.raw("worker_grpc", None) is None else _address(section, "worker_grpc", "")
     listen = ListenConfig(
         grpc=_address(section, "grpc", "127.0.0.1:9191"),
         http=_address(section, "http", "127.0.0.1:9192"),
+        worker_grpc=worker_grpc,
     )
+    if worker_grpc is not None and worker_grpc.port == 0:
+        raise section.error("worker_grpc", "port 0 is not allowed: Envoy must know every worker's port",
+                            "name the first worker's port, such as 127.0.0.1:9291")
     section.finish()
     return listen
 
@@ -447,9 +464,18 @@ def _server(top: _Section) -> ServerConfig:
         max_pending=section.integer("max_pending", 256, 1, 100_000),
         drain_timeout=section.duration("drain_timeout", "10s"),
         shutdown_delay=section.duration("shutdown_delay", "0s"),
+        workers=section.integer("workers", 1, 1, MAX_WORKERS),
+        cpu_affinity=_boolean(section, "cpu_affinity", False),
     )
     section.finish()
     return server
+
+
+def _boolean(section: _Section, name: str, default: bool) -> bool:
+    value = section.raw(name, default)
+    if not isinstance(value, bool):
+        raise section.error(name, f"expected true or false, got {value!r}")
+    return value
 
 
 _STORE_SCHEMES = ("memory://", "redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")
@@ -560,3 +586,48 @@ def load_config(path: str | Path) -> Config:
                               f"{config.token.header} carries the minted token (token.header) and is never recorded",
                               f"remove {config.token.header!r} from decision_log.{key}")
     return config
+
+
+def with_server_options(config: Config, options: dict[str, Any]) -> Config:
+    """Return `config` with command-line values of the `server` section (`workers`, `cpu_affinity`) applied."""
+    if not options:
+        return config
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, **options))
+
+
+def check_workers(config: Config) -> None:
+    """Raise ConfigError unless the configuration can run `server.workers` worker processes.
+
+    Only `extauthz serve` and `extauthz envoy-config` need this, after `--workers` and `--cpu-affinity`
+    have been applied, so load_config does not call it.
+    """
+    workers = config.server.workers
+    if workers == 1:
+        return
+    source = str(config.source)
+    if not config.store.shared:
+        raise ConfigError(source, "store.url",
+                          f"memory:// is private to each process, so {workers} workers would each keep their own "
+                          "revocations and one-time-token claims",
+                          "set store.url to a Redis that the workers share, such as redis://127.0.0.1:6379/0, "
+                          "or run one worker")
+    listen = config.listen
+    if listen.worker_grpc is None:
+        raise ConfigError(source, "listen.worker_grpc",
+                          f"missing: each of the {workers} workers needs its own gRPC port, so that Envoy can "
+                          "spread Checks over them",
+                          "set listen.worker_grpc to the first worker's address, such as 127.0.0.1:9291 "
+                          "(worker i listens on that port + i)")
+    if listen.grpc.port == 0:
+        raise ConfigError(source, "listen.grpc", f"port 0 picks a different port in each of the {workers} workers",
+                          "name a port, such as 127.0.0.1:9191")
+    first = listen.worker_grpc.port
+    last = first + workers - 1
+    if last > 65535:
+        raise ConfigError(source, "listen.worker_grpc", f"{workers} workers from port {first} would need port {last}",
+                          "choose a lower first port")
+    for key, address in (("listen.grpc", listen.grpc), ("listen.http", listen.http)):
+        if first <= address.port <= last:
+            raise ConfigError(source, "listen.worker_grpc",
+                              f"the workers' ports {first}-{last} include {key} port {address.port}",
+                              "choose a first port whose range leaves the other listeners out")

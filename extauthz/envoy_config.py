@@ -5,18 +5,62 @@ slashes) and rejects escaped slashes, so the path extauthz authorizes is the pat
 The ext_authz filter fails closed (`failure_mode_allow: false`) and returns 503 when extauthz cannot
 be reached. The route passes `context_extensions: {namespace: ...}`, which tells extauthz the
 destination namespace when there is no mTLS destination principal.
+
+With `server.workers` > 1, the extauthz cluster lists every worker's own port (`listen.worker_grpc` + i)
+with round-robin load balancing, so Envoy sends each worker an equal share of the Checks. The shared
+`listen.grpc` port would spread only connections, and Envoy opens one HTTP/2 connection per worker
+thread: with `--concurrency 1`, every Check would go to one worker (docs/operations.md shows the
+counts). Outlier detection takes a worker out of the rotation at its first connection failure or
+reset, and active gRPC health checks keep it out until it serves again, and also take out a worker
+that drains.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from extauthz.config import Address
+from extauthz.config import Address, Config
 
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+# Active health checks of worker endpoints. A worker that stopped answering leaves the rotation after
+# `unhealthy_threshold` failed checks, so within about two seconds.
+HEALTH_CHECK = {
+    "timeout": "1s",
+    "interval": "1s",
+    "no_traffic_interval": "5s",
+    "unhealthy_threshold": 2,
+    "healthy_threshold": 1,
+    "grpc_health_check": {"service_name": AUTHORIZATION_SERVICE},
+}
+# Ejects a worker at its first local-origin failure (connection refused or reset), such as a worker
+# that exited; a passing health check brings it back. At most half the workers are ejected at once.
+OUTLIER_DETECTION = {
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 1,
+    "interval": "1s",
+    "base_ejection_time": "5s",
+    "max_ejection_percent": 50,
+}
 
 
-def cluster_config(name: str, address: Address, http2: bool = False) -> dict[str, Any]:
+def extauthz_addresses(config: Config) -> list[Address]:
+    """Return the addresses through which an Envoy on this host reaches extauthz.
+
+    That is `listen.grpc` for one process, else every worker's own port. A wildcard host becomes
+    127.0.0.1.
+    """
+    if config.server.workers == 1:
+        addresses = [config.listen.grpc]
+    else:
+        addresses = [config.listen.worker_address(index) for index in range(config.server.workers)]
+    return [Address("127.0.0.1", address.port) if address.host in ("0.0.0.0", "::") else address
+            for address in addresses]
+
+
+def cluster_config(name: str, address: Address | list[Address], http2: bool = False) -> dict[str, Any]:
+    """Return a static cluster of one address, or of several with round-robin and gRPC health checks."""
+    addresses = address if isinstance(address, list) else [address]
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
@@ -24,9 +68,13 @@ def cluster_config(name: str, address: Address, http2: bool = False) -> dict[str
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": address.host, "port_value": address.port}}}}]}],
+                "socket_address": {"address": item.host, "port_value": item.port}}}} for item in addresses]}],
         },
     }
+    if len(addresses) > 1:
+        cluster["lb_policy"] = "ROUND_ROBIN"
+        cluster["health_checks"] = [HEALTH_CHECK]
+        cluster["outlier_detection"] = OUTLIER_DETECTION
     if http2:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -52,9 +100,12 @@ def ext_authz_filter(cluster: str = "extauthz", timeout: str = "0.25s") -> dict[
     }
 
 
-def bootstrap(*, listen: Address, admin: Address, extauthz: Address, upstream: Address,
+def bootstrap(*, listen: Address, admin: Address, extauthz: Address | list[Address], upstream: Address,
               namespace: str = "demo", timeout: str = "0.25s") -> dict[str, Any]:
-    """Return a complete static Envoy bootstrap as a dict (serialise it as YAML or JSON)."""
+    """Return a complete static Envoy bootstrap as a dict (serialise it as YAML or JSON).
+
+    `extauthz` is one address, or every worker's own address.
+    """
     route = {
         "match": {"prefix": "/"},
         "route": {"cluster": "upstream", "timeout": "5s"},

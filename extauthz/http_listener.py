@@ -68,6 +68,7 @@ class SideListener:
     def __init__(self, address: Address, app: SideApp):
         self.server = create_server(app, host=address.host, port=address.port, threads=2,
                                     ident="extauthz", clear_untrusted_proxy_headers=True)
+        self.host = address.host
         # waitress reports the bound port as a string.
         self.port = int(self.server.effective_port)
         self._stopping = threading.Event()

@@ -17,6 +17,12 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 
 
 class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object, with `fields` (such as the worker index) in every record."""
+
+    def __init__(self, fields: dict[str, object] | None = None):
+        super().__init__()
+        self.fields = fields or {}
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
@@ -24,6 +30,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            **self.fields,
         }
         for name, value in record.__dict__.items():
             if name not in _STANDARD and not name.startswith("_"):
@@ -33,9 +40,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", fields: dict[str, object] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

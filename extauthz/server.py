@@ -5,6 +5,11 @@ an allow-all sync server handled about 1.5 times the Checks per second of an all
 server (docs/benchmarks.md, scenario floor-aio). Health (grpc.health.v1) reports SERVING only once the
 signing keys, every issuer's key set and the policies are loaded, and NOT_SERVING from the moment
 draining starts.
+
+With `server.workers` > 1, extauthz.workers starts this service once per worker process (see
+`Service(worker=...)`): each worker listens on the shared `listen.grpc` port with SO_REUSEPORT and on
+its own port, and serves its side listener on an ephemeral loopback port that only the supervisor
+reads.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import os
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extauthz.config import Config, load_config
+from extauthz.config import Address, Config, DecisionLogConfig, load_config, with_server_options
 from extauthz.decision_log import DecisionLog
 from extauthz.errors import ConfigError, JWKSError
 from extauthz.http_listener import SideApp, SideListener
@@ -45,6 +51,26 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 RELOAD_POLL_INTERVAL = 1.0
 # Configuration sections that a reload does not apply.
 RESTART_SECTIONS = ("listen", "token", "decision_log", "limits", "server", "store", "secrets")
+# Address of a worker's side listener, to which only the supervisor connects.
+WORKER_HTTP = Address("127.0.0.1", 0)
+
+
+def worker_path(path: Path, worker: int) -> Path:
+    """Return worker `worker`'s own file for a file that one process would write, such as a decision log.
+
+    `decisions.jsonl` becomes `decisions.worker-1.jsonl`.
+    """
+    return path.with_name(f"{path.stem}.worker-{worker}{path.suffix}")
+
+
+def worker_decision_log(config: DecisionLogConfig, worker: int) -> DecisionLogConfig:
+    """Return the decision log configuration of one worker: a file sink gets the worker's own file.
+
+    With the stdout sink, every worker writes to the standard output that they all inherited.
+    """
+    if config.path is None:
+        return config
+    return dataclasses.replace(config, path=worker_path(config.path, worker))
 
 
 def load_policy_set(config: Config, secret_names: frozenset[str] | None = None) -> PolicySet:
@@ -100,12 +126,22 @@ def build_authorizer(config: Config, decision_log: DecisionLog,
 
 
 class Service:
-    """extauthz serving one configuration: gRPC Check and health, plus the HTTP side listener."""
+    """extauthz serving one configuration: gRPC Check and health, plus the HTTP side listener.
 
-    def __init__(self, config: Config, decision_log: DecisionLog | None = None):
+    `worker` is the index of this worker process when `server.workers` > 1, else None.
+    `server_options` are the command-line overrides of the `server` section, applied again on reload.
+    """
+
+    def __init__(self, config: Config, decision_log: DecisionLog | None = None, worker: int | None = None,
+                 server_options: dict[str, object] | None = None):
         self.config = config
+        self.worker = worker
+        self.server_options = server_options or {}
         self.metrics = Metrics()
-        self.decision_log = decision_log or DecisionLog(config.decision_log)
+        if decision_log is None:
+            log_config = config.decision_log if worker is None else worker_decision_log(config.decision_log, worker)
+            decision_log = DecisionLog(log_config)
+        self.decision_log = decision_log
         self.issuer_keys = self._load_issuers(config, {}, fetch_must_succeed=False)
         try:
             self.store = open_store(config.store)
@@ -122,25 +158,27 @@ class Service:
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="check"),
             maximum_concurrent_rpcs=config.server.threads + config.server.max_pending,
-            options=[("grpc.so_reuseport", 0)],
+            # Only workers share a port. One process alone must fail on a port that another process holds.
+            options=[("grpc.so_reuseport", 0 if worker is None else 1)],
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationServicer(self.authorizer, config.token.header), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
+        self.grpc_port = self._add_grpc_port("listen.grpc", config.listen.grpc)
+        # The worker's own port, which lets Envoy send Checks to each worker in turn.
+        self.worker_grpc_port = None
+        if worker is not None:
+            self.worker_grpc_port = self._add_grpc_port("listen.worker_grpc", config.listen.worker_address(worker))
+        http_address = config.listen.http if worker is None else WORKER_HTTP
         try:
-            self.grpc_port = self.grpc_server.add_insecure_port(str(config.listen.grpc))
-        except RuntimeError as exc:
-            raise ConfigError(str(config.source), "listen.grpc", f"cannot listen on {config.listen.grpc}",
-                              "stop whatever uses that port or choose another") from exc
-        try:
-            self.http = SideListener(config.listen.http,
+            self.http = SideListener(http_address,
                                      SideApp(self.key_directory.jwks, self.is_ready, self.store_state,
                                              self.metrics.render))
         except OSError as exc:
             self.grpc_server.stop(None)
-            raise ConfigError(str(config.source), "listen.http", f"cannot listen on {config.listen.http}: "
+            raise ConfigError(str(config.source), "listen.http", f"cannot listen on {http_address}: "
                               f"{exc.strerror}", "stop whatever uses that port or choose another") from exc
         self.http_port = self.http.port
         self._ready_watch = threading.Thread(target=self._watch_readiness, name="readiness", daemon=True)
@@ -149,6 +187,14 @@ class Service:
         self._files = self._file_fingerprint(config)
         self._reload_lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch_files, name="reload-watch", daemon=True)
+
+    def _add_grpc_port(self, key: str, address: Address) -> int:
+        try:
+            port = self.grpc_server.add_insecure_port(str(address))
+        except RuntimeError as exc:
+            raise ConfigError(str(self.config.source), key, f"cannot listen on {address}",
+                              "stop whatever uses that port or choose another") from exc
+        return port
 
     def _load_issuers(self, config: Config, current: dict[str, IssuerKeys],
                       fetch_must_succeed: bool) -> dict[str, IssuerKeys]:
@@ -227,7 +273,7 @@ class Service:
         """
         with self._reload_lock:
             try:
-                config = load_config(self.config.source)
+                config = with_server_options(load_config(self.config.source), self.server_options)
                 # Secrets load only at start-up, so policies may inject only the secrets loaded then.
                 policies = load_policy_set(config, self.secrets.names)
                 issuer_keys = self._load_issuers(config, self.issuer_keys, fetch_must_succeed=True)
@@ -289,8 +335,12 @@ class Service:
         self.grpc_server.start()
         self._watcher.start()
         self.http.start()
-        log.info("listening", extra={"grpc": f"{self.config.listen.grpc.host}:{self.grpc_port}",
-                                     "http": f"{self.config.listen.http.host}:{self.http_port}",
+        listeners = {"grpc": f"{self.config.listen.grpc.host}:{self.grpc_port}",
+                     "http": f"{self.http.host}:{self.http_port}"}
+        if self.worker is not None:
+            listeners["worker"] = self.worker
+            listeners["worker_grpc"] = f"{self.config.listen.worker_grpc.host}:{self.worker_grpc_port}"
+        log.info("listening", extra={**listeners,
                                      "policies": len(self.authorizer.policies), "store": self.store.name,
                                      "replica_id": self.key_directory.replica_id})
         self._ready_watch.start()

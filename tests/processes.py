@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,30 @@ def loopback_ports(count: int) -> list[int]:
         if len(ports) == count:
             return ports
     raise RuntimeError(f"found only {len(ports)} of {count} free loopback ports after {count * 10} attempts")
+
+
+def consecutive_ports(count: int, avoid: frozenset[int] = frozenset()) -> int:
+    """Return the first of `count` consecutive free loopback ports, none of them a demo port or in `avoid`."""
+    for _ in range(50):
+        first = free_port()
+        if first + count > 65536:
+            continue
+        ports = range(first, first + count)
+        if DEMO_PORTS.intersection(ports) or avoid.intersection(ports):
+            continue
+        probes = []
+        try:
+            for port in ports:
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                probes.append(probe)
+                probe.bind((LOOPBACK, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError(f"found no {count} consecutive free loopback ports in 50 attempts")
 
 
 def find_envoy() -> str | None:
@@ -99,14 +124,24 @@ def wait_for_http_ok(port: int, path: str, process: subprocess.Popen, log_path: 
 
 
 class ServeProcess:
-    """`extauthz serve` on two free loopback ports, its decision log (stdout) and stderr in files."""
+    """`extauthz serve` on two free loopback ports, its decision log (stdout) and stderr in files.
 
-    def __init__(self, folder: Path, idp: TestIdP, overrides: dict[str, Any] | None = None,
+    With `workers` > 1, it runs `serve --workers N`, and worker i also listens on worker_ports[i]. The
+    configuration then needs a Redis store in `overrides`.
+    """
+
+    def __init__(self, folder: Path, idp: TestIdP, overrides: dict[str, Any] | None = None, workers: int = 1,
                  log_level: str = "info"):
         self.folder = folder
         self.log_level = log_level
         self.grpc_port, self.http_port = loopback_ports(2)
         listen = {"grpc": f"{LOOPBACK}:{self.grpc_port}", "http": f"{LOOPBACK}:{self.http_port}"}
+        self.workers = workers
+        self.worker_ports: list[int] = []
+        if workers > 1:
+            first = consecutive_ports(workers, avoid=frozenset({self.grpc_port, self.http_port}))
+            self.worker_ports = list(range(first, first + workers))
+            listen["worker_grpc"] = f"{LOOPBACK}:{first}"
         self.config_path = write_config(folder, idp, overrides={"listen": listen, **(overrides or {})})
         self.stdout_path = folder / "extauthz.stdout"
         self.stderr_path = folder / "extauthz.stderr"
@@ -116,7 +151,8 @@ class ServeProcess:
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "extauthz", "serve", "--config", str(self.config_path),
-                 "--log-level", self.log_level],
+                 "--log-level", self.log_level,
+                 *(["--workers", str(self.workers)] if self.workers > 1 else [])],
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
         return self
 

@@ -1,0 +1,256 @@
+"""`extauthz serve --workers N` without Envoy: the configurations it rejects, the per-worker files,
+and a supervisor that stops every worker on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from helpers import check_request, write_config
+from processes import LOOPBACK, STOP_TIMEOUT, ServeProcess, consecutive_ports, http_get, loopback_ports
+from redis_servers import redis_server  # noqa: F401
+
+from extauthz.config import DecisionLogConfig
+from extauthz.dev_idp import generate_idp_keys
+from extauthz.server import worker_decision_log, worker_path
+
+RPC_TIMEOUT = 5.0
+
+
+def run_serve(config_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "extauthz", "serve", "--config", str(config_path), *arguments],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+
+
+def worker_listen(first_worker_port: int | None = None) -> dict[str, str]:
+    grpc_port, http_port = loopback_ports(2)
+    listen = {"grpc": f"{LOOPBACK}:{grpc_port}", "http": f"{LOOPBACK}:{http_port}"}
+    if first_worker_port is not None:
+        listen["worker_grpc"] = f"{LOOPBACK}:{first_worker_port}"
+    return listen
+
+
+def log_records(stderr: bytes) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+
+
+def test_worker_path_keeps_suffix():
+    assert worker_path(Path("/var/log/decisions.jsonl"), 1) == Path("/var/log/decisions.worker-1.jsonl")
+    assert worker_path(Path("/var/log/decisions"), 0) == Path("/var/log/decisions.worker-0")
+
+
+def test_worker_decision_log_stdout_shared():
+    stdout = DecisionLogConfig("stdout", None)
+    file = DecisionLogConfig("file", Path("/logs/d.jsonl"))
+    assert worker_decision_log(stdout, 3) == stdout
+    assert worker_decision_log(file, 3) == DecisionLogConfig("file", Path("/logs/d.worker-3.jsonl"))
+
+
+def test_memory_store_rejected(tmp_path, idp):
+    config_path = write_config(tmp_path, idp, overrides={"listen": worker_listen(consecutive_ports(2))})
+    result = run_serve(config_path, "--workers", "2")
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "store.url" in stderr
+    assert "memory:// is private to each process" in stderr
+    assert "redis://" in stderr
+
+
+def test_memory_store_rejected_from_file(tmp_path, idp):
+    overrides = {"listen": worker_listen(consecutive_ports(2)), "server": {"workers": 2}}
+    result = run_serve(write_config(tmp_path, idp, overrides=overrides))
+    assert result.returncode == 2
+    assert "store.url" in result.stderr.decode()
+
+
+def test_missing_worker_grpc_rejected(tmp_path, idp):
+    overrides = {"listen": worker_listen(), "store": {"url": "redis://127.0.0.1:1/0"}}
+    result = run_serve(write_config(tmp_path, idp, overrides=overrides), "--workers", "2")
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "listen.worker_grpc" in stderr
+    assert "worker i listens on that port + i" in stderr
+
+
+def test_worker_ports_overlap_rejected(tmp_path, idp):
+    listen = worker_listen()
+    listen["worker_grpc"] = listen["grpc"]
+    overrides = {"listen": listen, "store": {"url": "redis://127.0.0.1:1/0"}}
+    result = run_serve(write_config(tmp_path, idp, overrides=overrides), "--workers", "2")
+    assert result.returncode == 2
+    assert "include listen.grpc port" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("count", ["0", "65", "two"])
+def test_bad_worker_count_rejected(tmp_path, idp, count):
+    result = run_serve(write_config(tmp_path, idp), "--workers", count)
+    assert result.returncode == 2
+    assert f"invalid worker count '{count}'" in result.stderr.decode()
+
+
+def test_busy_worker_port_exits_2(tmp_path, idp):
+    first = consecutive_ports(2)
+    overrides = {"listen": worker_listen(first), "store": {"url": "redis://127.0.0.1:1/0"}}
+    config_path = write_config(tmp_path, idp, overrides=overrides)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind((LOOPBACK, first + 1))
+        holder.listen()
+        result = run_serve(config_path, "--workers", "2")
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "listen.worker_grpc" in stderr
+    assert f"{first + 1}" in stderr
+
+
+def test_sigterm_stops_every_worker(tmp_path, idp, redis_server):  # noqa: F811
+    server = ServeProcess(tmp_path, idp, workers=2, overrides={"store": {"url": redis_server.url}})
+    try:
+        server.start()
+        server.wait_ready()
+        worker_pids = [record["pid"] for record in log_records(server.stderr())
+                       if record.get("message") == "worker started"]
+        answers = []
+        for port in server.worker_ports:
+            with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                answers.append(stub.Check(check_request(), timeout=RPC_TIMEOUT).dynamic_metadata["reason"])
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        exit_code = server.process.wait(timeout=STOP_TIMEOUT)
+    finally:
+        server.stop()
+
+    assert answers == ["allowed", "allowed"]
+    assert len(worker_pids) == 2
+    assert exit_code == 0
+    for pid in worker_pids:
+        # The supervisor waited for each worker, so the pid no longer exists.
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    messages = [record["message"] for record in log_records(server.stderr())]
+    assert messages.count("stopped") == 3
+
+
+def test_sighup_reaches_every_worker(tmp_path, idp, redis_server):  # noqa: F811
+    server = ServeProcess(tmp_path, idp, workers=2, overrides={"store": {"url": redis_server.url}})
+    try:
+        server.start()
+        server.wait_ready()
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        # Each worker logs "reloaded" once it applied the reload; poll the log, bounded by the stop timeout.
+        for _ in range(int(STOP_TIMEOUT / 0.1)):
+            reloaded = {record.get("worker") for record in log_records(server.stderr())
+                        if record.get("message") == "reloaded"}
+            if reloaded == {0, 1}:
+                break
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    assert reloaded == {0, 1}
+
+
+def test_supervisor_readyz_and_jwks(tmp_path, idp, redis_server):  # noqa: F811
+    server = ServeProcess(tmp_path, idp, workers=2, overrides={"store": {"url": redis_server.url}})
+    try:
+        server.start()
+        server.wait_ready()
+        status, _, body = http_get(server.http_port, "/readyz")
+        _, _, jwks = http_get(server.http_port, "/.well-known/jwks.json")
+    finally:
+        server.stop()
+    assert status == 200
+    assert json.loads(body) == {"status": "ready", "store": "ok"}
+    # Each worker has a current and a next key.
+    assert len(json.loads(jwks)["keys"]) == 4
+
+
+def test_example_envoy_config_current(tmp_path):
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    shutil.copy(examples / "workers.yaml", tmp_path / "workers.yaml")
+    shutil.copytree(examples / "policies", tmp_path / "policies")
+    generate_idp_keys(tmp_path / "dev-idp")
+    command = [sys.executable, "-m", "extauthz", "envoy-config", "--config", str(tmp_path / "workers.yaml")]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    shipped = (examples / "envoy-workers.yaml").read_text(encoding="utf-8")
+
+    assert result.returncode == 0, result.stderr.decode()
+    # The shipped file is the command's output after a comment header.
+    assert shipped.endswith(result.stdout.decode())
+    assert yaml.safe_load(shipped) == yaml.safe_load(result.stdout)
+
+
+def started_workers(stderr: bytes) -> list[tuple[int, int]]:
+    """Return (worker index, pid) of every worker start in the supervisor's log, in order."""
+    return [(record["worker"], record["pid"]) for record in log_records(stderr)
+            if record.get("message") == "worker started"]
+
+
+def test_supervisor_never_loads_grpcio(tmp_path, idp, redis_server):  # noqa: F811
+    server = ServeProcess(tmp_path, idp, workers=2, overrides={"store": {"url": redis_server.url}})
+    try:
+        server.start()
+        server.wait_ready()
+        assert server.process is not None
+        supervisor_maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+        worker_maps = [Path(f"/proc/{pid}/maps").read_text() for _, pid in started_workers(server.stderr())]
+    finally:
+        server.stop()
+    # grpcio's core is the extension module cygrpc: mapped into every worker, never into the supervisor.
+    assert "cygrpc" not in supervisor_maps
+    assert len(worker_maps) == 2
+    assert all("cygrpc" in maps for maps in worker_maps)
+
+
+def test_cpu_affinity_pins_workers(tmp_path, idp, redis_server):  # noqa: F811
+    overrides = {"store": {"url": redis_server.url}, "server": {"cpu_affinity": True}}
+    server = ServeProcess(tmp_path, idp, workers=2, overrides=overrides)
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        server.start()
+        server.wait_ready()
+        affinity = {index: os.sched_getaffinity(pid) for index, pid in started_workers(server.stderr())}
+    finally:
+        server.stop()
+    assert affinity == {0: {cpus[0]}, 1: {cpus[1 % len(cpus)]}}
+
+
+def test_crash_loop_stops_service(tmp_path, idp, redis_server):  # noqa: F811
+    server = ServeProcess(tmp_path, idp, workers=2, overrides={"store": {"url": redis_server.url}})
+    killed: list[int] = []
+    try:
+        server.start()
+        server.wait_ready()
+        assert server.process is not None
+        # Kill worker 0 each time it starts again, until the supervisor gives up: at most 10 kills, each
+        # waiting at most STOP_TIMEOUT seconds for the next start.
+        for _ in range(10):
+            pid = [pid for index, pid in started_workers(server.stderr()) if index == 0][-1]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline and server.process.poll() is None:
+                if [pid for index, pid in started_workers(server.stderr()) if index == 0][-1] != killed[-1]:
+                    break
+                time.sleep(0.05)
+            if server.process.poll() is not None:
+                break
+        exit_code = server.process.wait(timeout=STOP_TIMEOUT)
+    finally:
+        server.stop()
+    messages = [record["message"] for record in log_records(server.stderr())]
+    assert exit_code == 1
+    assert len(killed) == 6
+    assert messages.count("worker exited; starting it again") == 5
+    assert "workers keep exiting; stopping the service" in messages
