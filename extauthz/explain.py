@@ -8,12 +8,14 @@ an empty in-process one, so revocations and one-time claims in a shared Redis ar
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
+from extauthz.audit_chain import generate_signer
 from extauthz.config import Config
 from extauthz.decision import Decision
 from extauthz.decision_log import DecisionLog
@@ -87,10 +89,15 @@ def _requirements_text(policy: Policy) -> list[str]:
 
 def explain(config: Config, request: ExplainRequest) -> dict[str, Any]:
     """Decide `request` as `serve` would; return the decision with the policies considered."""
-    authorizer, _ = build_authorizer(config, DecisionLog(config.decision_log, stream=io.BytesIO()),
-                                     store=MemoryStore())
-    check_request = build_check_request(request)
-    decision: Decision = authorizer.check(check_request, claims=request.claims)
+    # The record goes nowhere, so it needs neither the configured spool nor the checkpoint key.
+    decision_log = DecisionLog(dataclasses.replace(config.decision_log, spool_path=None), stream=io.BytesIO(),
+                               signer=generate_signer())
+    try:
+        authorizer, _ = build_authorizer(config, decision_log, store=MemoryStore())
+        check_request = build_check_request(request)
+        decision: Decision = authorizer.check(check_request, claims=request.claims)
+    finally:
+        decision_log.close()
 
     result: dict[str, Any] = {
         "decision": "allow" if decision.allowed else "deny",

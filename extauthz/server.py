@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauthz.config import Config, load_config
 from extauthz.decision_log import DecisionLog
-from extauthz.errors import ConfigError, JWKSError
+from extauthz.errors import ConfigError, DecisionLogError, JWKSError
 from extauthz.http_listener import SideApp, SideListener
 from extauthz.identity import TokenVerifier
 from extauthz.jwks import IssuerKeys
@@ -105,7 +105,19 @@ class Service:
     def __init__(self, config: Config, decision_log: DecisionLog | None = None):
         self.config = config
         self.metrics = Metrics()
-        self.decision_log = decision_log or DecisionLog(config.decision_log)
+        if decision_log is None:
+            try:
+                decision_log = DecisionLog(config.decision_log, metrics=self.metrics, start=False)
+            except DecisionLogError as exc:
+                raise ConfigError(str(config.source), exc.key, exc.message, exc.fix) from exc
+        self.decision_log = decision_log
+        try:
+            self._build(config)
+        except BaseException:
+            self.decision_log.close()
+            raise
+
+    def _build(self, config: Config) -> None:
         self.issuer_keys = self._load_issuers(config, {}, fetch_must_succeed=False)
         try:
             self.store = open_store(config.store)
@@ -137,7 +149,7 @@ class Service:
         try:
             self.http = SideListener(config.listen.http,
                                      SideApp(self.key_directory.jwks, self.is_ready, self.store_state,
-                                             self.metrics.render))
+                                             self.metrics.render, self.decision_log.jwks))
         except OSError as exc:
             self.grpc_server.stop(None)
             raise ConfigError(str(config.source), "listen.http", f"cannot listen on {config.listen.http}: "
@@ -280,6 +292,7 @@ class Service:
         log.info("ready", extra={"grpc_port": self.grpc_port, "http_port": self.http_port})
 
     def start(self) -> None:
+        self.decision_log.start()
         for keys in self.issuer_keys.values():
             keys.start()
         self.revocations.sync()
@@ -319,5 +332,6 @@ class Service:
         self.secrets.stop()
         self.key_directory.stop()
         self.store.close()
+        # Last, once no Check runs: the queue, the spool and the shutdown checkpoint go out now.
         self.decision_log.close()
         log.info("stopped")
