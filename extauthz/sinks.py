@@ -102,24 +102,25 @@ class FileSink:
         try:
             if self._fd is None:
                 self._open()
-            for group in self._groups(lines):
-                if self._size > 0 and self._size + len(group[0]) > self.max_bytes:
+            for rotate, group in self._groups(lines):
+                if rotate:
                     self._rotate()
                 self._append(b"".join(group))
                 delivered += len(group)
         except OSError as exc:
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}", delivered) from exc
 
-    def _groups(self, lines: list[bytes]) -> list[list[bytes]]:
-        """Split `lines` into runs that each fit into one file, starting at the current size."""
-        groups: list[list[bytes]] = []
+    def _groups(self, lines: list[bytes]) -> list[tuple[bool, list[bytes]]]:
+        """Split `lines` into runs that each go into one file, each with whether a rotation comes first."""
+        groups: list[tuple[bool, list[bytes]]] = []
         size = self._size
         for line in lines:
-            if not groups or (size > 0 and size + len(line) > self.max_bytes):
-                groups.append([])
-                if len(groups) > 1:
+            rotate = size > 0 and size + len(line) > self.max_bytes
+            if rotate or not groups:
+                groups.append((rotate, []))
+                if rotate:
                     size = 0
-            groups[-1].append(line)
+            groups[-1][1].append(line)
             size += len(line)
         return groups
 
@@ -142,13 +143,18 @@ class FileSink:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        for number in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{number}")
-            if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{number + 1}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        # Shift PATH.1 ... up to the first free number, or up to PATH.N, which the shift overwrites.
+        free = 1
+        while free < self.backups and self._backup(free).exists():
+            free += 1
+        for number in range(free - 1, 0, -1):
+            os.replace(self._backup(number), self._backup(number + 1))
+        os.replace(self.path, self._backup(1))
         self._open()
         log.info("decision log rotated", extra={"path": str(self.path), "backups": self.backups})
+
+    def _backup(self, number: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{number}")
 
     def close(self) -> None:
         if self._fd is not None:

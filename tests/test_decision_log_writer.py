@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from extauthz.decision_log import DecisionLog
 from extauthz.errors import ConfigError
 from extauthz.response import build_check_response
 from extauthz.server import Service, build_authorizer
-from extauthz.sinks import FileSpool
+from extauthz.sinks import FileSink, FileSpool
 
 STREAM = "test:decisions"
 # Seconds a test waits for the writer thread, for Redis, or for a recovery after a restart.
@@ -56,7 +57,7 @@ def wait_until(condition, what: str, timeout: float = WAIT_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s")
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.02)
 
 
@@ -178,6 +179,28 @@ def test_rotation_keeps_whole_lines(tmp_path, idp):
         seqs.extend(json.loads(line)["seq"] for line in data.splitlines())
     # Oldest backup first, then PATH: every line once, in order.
     assert seqs == list(range(1, 203))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_file_sink_rotates_batches(tmp_path, seed):
+    """Batches of lines of random lengths: every file within max_bytes, every line once and in order."""
+    generator = random.Random(seed)
+    sink = FileSink(tmp_path / "decisions.log", max_bytes=1000, backups=1000)
+    written: list[bytes] = []
+    for _ in range(40):
+        batch = [b"%d:" % len(written) + b"x" * generator.randint(10, 600) + b"\n"
+                 for _ in range(generator.randint(1, 8))]
+        written.extend(batch)
+        sink.write(batch)
+    sink.close()
+
+    files = sorted(tmp_path.glob("decisions.log.*"), key=lambda path: -int(path.suffix[1:]))
+    read: list[bytes] = []
+    for path in [*files, tmp_path / "decisions.log"]:
+        data = path.read_bytes()
+        assert len(data) <= 1000, path
+        read.extend(data.splitlines(keepends=True))
+    assert read == written
 
 
 def test_line_longer_than_max_bytes(tmp_path, idp):
@@ -511,7 +534,7 @@ from extauthz.audit_chain import generate_signer
 from extauthz.config import DecisionLogConfig
 from extauthz.decision import Decision
 from extauthz.decision_log import DecisionLog
-from extauthz.sinks import FileSpool
+from extauthz.sinks import FileSink, FileSpool
 
 folder = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
