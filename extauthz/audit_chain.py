@@ -446,6 +446,8 @@ def verify_lines(lines: list[SourceLine], keys: dict[str, VerificationKey] | Non
     With `allow_missing_start`, a writer's chain may begin after seq 1, as when rotation deleted its
     oldest file; it is checked from its first line present.
     """
+    # NOTE: every line is held in memory at once, about 1-2 KB per line parsed; logs of millions of
+    # lines need a verifier that streams each writer's lines in seq order.
     malformed: list[Finding] = []
     by_writer: dict[str, list[SourceLine]] = {}
     for entry in lines:
