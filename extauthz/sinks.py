@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 import sys
 from collections import deque
 from pathlib import Path
@@ -77,7 +78,7 @@ class FileSink:
 
     A rotation happens only between lines, before a line that would take PATH beyond `max_bytes`. A
     line longer than `max_bytes` gets a file of its own. The oldest backup is deleted when a rotation
-    needs its name.
+    needs its name. A PATH that is not a regular file, such as /dev/null or a named pipe, is never rotated.
     """
 
     def __init__(self, path: Path, max_bytes: int, backups: int):
@@ -95,7 +96,9 @@ class FileSink:
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        status = os.fstat(self._fd)
+        self._size = status.st_size
+        self._regular = stat.S_ISREG(status.st_mode)
 
     def write(self, lines: list[bytes]) -> None:
         delivered = 0
@@ -115,7 +118,7 @@ class FileSink:
         groups: list[tuple[bool, list[bytes]]] = []
         size = self._size
         for line in lines:
-            rotate = size > 0 and size + len(line) > self.max_bytes
+            rotate = self._regular and size > 0 and size + len(line) > self.max_bytes
             if rotate or not groups:
                 groups.append((rotate, []))
                 if rotate:

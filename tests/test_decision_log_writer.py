@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -201,6 +202,28 @@ def test_file_sink_rotates_batches(tmp_path, seed):
         assert len(data) <= 1000, path
         read.extend(data.splitlines(keepends=True))
     assert read == written
+
+
+def test_named_pipe_never_rotated(tmp_path):
+    pipe = tmp_path / "decisions.pipe"
+    os.mkfifo(pipe)
+    received = bytearray()
+
+    def read_pipe() -> None:
+        with open(pipe, "rb") as reader:
+            while chunk := reader.read(65536):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=read_pipe, daemon=True)
+    reader.start()
+    sink = FileSink(pipe, max_bytes=4096, backups=3)
+    lines = [b"x" * 1000 + b"\n" for _ in range(20)]
+    sink.write(lines)
+    sink.close()
+    reader.join(timeout=WAIT_TIMEOUT)
+
+    assert bytes(received) == b"".join(lines)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["decisions.pipe"]
 
 
 def test_line_longer_than_max_bytes(tmp_path, idp):
