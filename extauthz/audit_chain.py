@@ -12,6 +12,7 @@ bytes of their `hash`. Their `kid` is the RFC 7638 thumbprint of the public key.
 from __future__ import annotations
 
 import base64
+import errno
 import gzip
 import hashlib
 import json
@@ -19,7 +20,8 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -256,28 +258,33 @@ class Chain:
         self.decisions_since_checkpoint = 0
 
     def decision(self, record: dict[str, Any]) -> bytes:
-        """Return the serialised decision line for `record`, with its envelope."""
-        line = {**record, "type": "decision"}
+        """Return the serialised decision line for `record`, with its envelope.
+
+        Raises TypeError when the record cannot be serialised; the chain is then unchanged.
+        """
+        serialised = self._seal({**record, "type": "decision"})
         self.decisions_since_checkpoint += 1
-        return self._seal(line)
+        return serialised
 
     def checkpoint(self, trigger: str, now: float) -> bytes:
         """Return the serialised, signed checkpoint line."""
         line: dict[str, Any] = {"type": "checkpoint", "time": rfc3339(now), "trigger": trigger,
                                 "decisions": self.decisions_since_checkpoint, "kid": self.signer.kid,
                                 "alg": self.signer.algorithm}
+        serialised = self._seal(line)
         self.decisions_since_checkpoint = 0
-        return self._seal(line)
+        return serialised
 
     def _seal(self, line: dict[str, Any]) -> bytes:
-        self.seq += 1
-        line.update(writer=self.writer, seq=self.seq, prev_hash=self.prev_hash)
+        line.update(writer=self.writer, seq=self.seq + 1, prev_hash=self.prev_hash)
         line.pop("signature", None)
         line["hash"] = line_hash(line)
         if line["type"] == "checkpoint":
             line["signature"] = self.signer.sign(line["hash"])
+        serialised = serialise(line)
+        self.seq += 1
         self.prev_hash = line["hash"]
-        return serialise(line)
+        return serialised
 
 
 # Reading lines.
@@ -339,6 +346,8 @@ def read_files(names: Iterable[str], result: ReadResult) -> None:
         try:
             for number, raw in enumerate(file, start=1):
                 _add(result, "stdin" if name == "-" else name, str(number), raw)
+        except (EOFError, zlib.error) as exc:
+            raise OSError(errno.EIO, f"damaged gzip data: {exc}", name) from exc
         finally:
             if file is not sys.stdin.buffer:
                 file.close()
@@ -635,10 +644,3 @@ def read_jwks_source(source: str, timeout: float = 10.0) -> dict[str, Verificati
             raise AuditKeyError(f"cannot read the JWKS file {source}: {exc.strerror}") from exc
     return parse_jwks(data, source)
 
-
-def iter_findings(report: VerifyReport) -> Iterator[tuple[str, Finding]]:
-    for finding in report.malformed:
-        yield "", finding
-    for writer in report.writers:
-        for finding in writer.findings:
-            yield writer.writer, finding

@@ -291,12 +291,10 @@ class DecisionLog:
         lines = []
         for decision in batch:
             try:
-                record = build_record(decision)
+                lines.append(self._chain.decision(build_record(decision)))
             except Exception:  # noqa: BLE001 - one bad record must not stop the others
                 log.exception("cannot build a decision record", extra={"decision_id": decision.decision_id})
                 self._count_drop("error", 1, decision.decision_id)
-                continue
-            lines.append(self._chain.decision(record))
         return lines
 
     def _emit(self, lines: list[bytes]) -> None:

@@ -163,6 +163,17 @@ def test_chain_links_lines():
     assert [line["trigger"] for line in lines if line["type"] == "checkpoint"] == ["start", "shutdown"]
 
 
+def test_unserialisable_record_leaves_chain():
+    chain = Chain("host:1:00000000", generate_signer())
+    start = parsed(chain.checkpoint("start", time.time()))
+    with pytest.raises(TypeError):
+        chain.decision({"decision": "allow", "value": object()})
+    line = parsed(chain.decision({"decision": "allow"}))
+    assert line["seq"] == 2
+    assert line["prev_hash"] == start["hash"]
+    assert parsed(chain.checkpoint("shutdown", time.time()))["decisions"] == 1
+
+
 def test_line_keys_sorted():
     chain = Chain("host:1:00000000", generate_signer())
     line = chain.decision({"zeta": 1, "alpha": 2})
@@ -571,6 +582,15 @@ def test_invalid_jwks_exits_2(tmp_path, idp, capsys):
     code = main(["audit", "verify", str(log.path), "--jwks", str(bad)])
     assert code == 2
     assert "contains no EC P-256 or Ed25519 key" in capsys.readouterr().err
+
+
+def test_truncated_gzip_exits_2(tmp_path, idp, capsys):
+    log = written_log(tmp_path, idp, checks=3)
+    damaged = tmp_path / "decisions.log.gz"
+    damaged.write_bytes(gzip.compress(log.path.read_bytes())[:-20])
+    code = main(["audit", "verify", str(damaged), "--jwks", str(log.jwks_path)])
+    assert code == 2
+    assert f"cannot read {damaged}: damaged gzip data" in capsys.readouterr().err
 
 
 def test_no_input_exits_2(capsys):
