@@ -388,7 +388,7 @@ class DecisionLog:
 
     # Both sides.
 
-    def _count_drop(self, reason: str, count: int, decision_id: str | None = None, error: str | None = None) -> None:
+    def _count_drop(self, reason: str, count: int, decision_id: str | None = None) -> None:
         self.metrics.decision_log_dropped.labels(reason).inc(count)
         now = time.monotonic()
         with self._drop_lock:
@@ -401,8 +401,6 @@ class DecisionLog:
                                  "on_full": self.config.on_full}
         if decision_id is not None:
             extra["decision_id"] = decision_id
-        if error is not None:
-            extra["error"] = error
         log.error("decision records dropped", extra=extra)
 
 

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 # A Redis sink command may take this long, or store.timeout when that is longer. The writer thread
 # waits for it, never a Check.
 REDIS_SINK_TIMEOUT = 2.0
-# After an unclear failure (the connection dropped after XADD was sent), the sink reads up to this
-# many stream entries after its last confirmed one to find the lines that Redis did store.
+# After an unclear failure (the connection dropped after XADD was sent), the sink reads this many
+# stream entries more than it resends, after its last confirmed one (or the newest, when none is
+# confirmed yet), to find the lines that Redis did store.
 REDIS_LOOKBACK = 1000
 # A file spool starts a new segment file once the current one reaches this size.
 SPOOL_SEGMENT_BYTES = 4 * 1024 * 1024
@@ -209,8 +210,12 @@ class RedisStreamSink:
 
     def _stored_prefix(self, lines: list[bytes]) -> int:
         """Return how many of `lines`, from the start, the stream contains after the last confirmed entry."""
-        start = b"-" if self._last_id is None else b"(" + self._last_id
-        entries = self.client.xrange(self.stream, min=start, max="+", count=len(lines) + REDIS_LOOKBACK)
+        limit = len(lines) + REDIS_LOOKBACK
+        if self._last_id is None:
+            # Nothing confirmed yet: the lines, if stored, are among the newest entries.
+            entries = self.client.xrevrange(self.stream, max="+", min="-", count=limit)[::-1]
+        else:
+            entries = self.client.xrange(self.stream, min=b"(" + self._last_id, max="+", count=limit)
         stored = {fields.get(b"r") for _, fields in entries}
         count = 0
         for line in lines:

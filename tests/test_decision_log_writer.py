@@ -27,7 +27,7 @@ from extauthz.decision_log import DecisionLog
 from extauthz.errors import ConfigError
 from extauthz.response import build_check_response
 from extauthz.server import Service, build_authorizer
-from extauthz.sinks import FileSink, FileSpool
+from extauthz.sinks import FileSink, FileSpool, RedisStreamSink, SinkError
 
 STREAM = "test:decisions"
 # Seconds a test waits for the writer thread, for Redis, or for a recovery after a restart.
@@ -372,6 +372,33 @@ def test_redis_frozen_mid_write(tmp_path, idp, persistent_redis, capsys, caplog)
     assert code == 0
 
 
+def test_redis_sink_unclear_first_write(tmp_path, idp, persistent_redis):
+    """The very first write gets no reply, in a stream that already has many entries of other writers."""
+    client = persistent_redis.client()
+    for number in range(3000):
+        client.xadd(STREAM, {"r": json.dumps({"other": number})})
+    config = redis_config(tmp_path, idp, persistent_redis)
+    sink = RedisStreamSink(config.decision_log)
+    line = b'{"type":"checkpoint","seq":1}\n'
+    try:
+        sink.client.ping()
+        persistent_redis.freeze()
+        with pytest.raises(SinkError):
+            sink.write([line])
+        persistent_redis.resume()
+        # Redis reads the XADD that was waiting in its socket once it runs again.
+        wait_until(lambda: client.xlen(STREAM) == 3001, "the unanswered XADD to be applied")
+        sink.write([line, b'{"type":"decision","seq":2}\n'])
+    finally:
+        if persistent_redis.frozen:
+            persistent_redis.resume()
+        sink.close()
+
+    entries = [fields[b"r"] for _, fields in client.xrange(STREAM)]
+    client.close()
+    assert entries[3000:] == [b'{"type":"checkpoint","seq":1}', b'{"type":"decision","seq":2}']
+
+
 @pytest.mark.parametrize("on_full", ["deny", "drop"])
 def test_spool_full(tmp_path, idp, persistent_redis, capsys, caplog, on_full):
     config = redis_config(tmp_path, idp, persistent_redis, spool={"max_records": 5}, on_full=on_full)
@@ -557,7 +584,7 @@ from extauthz.audit_chain import generate_signer
 from extauthz.config import DecisionLogConfig
 from extauthz.decision import Decision
 from extauthz.decision_log import DecisionLog
-from extauthz.sinks import FileSink, FileSpool
+from extauthz.sinks import FileSink, FileSpool, RedisStreamSink, SinkError
 
 folder = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
