@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 # A Redis sink command may take this long, or store.timeout when that is longer. The writer thread
 # waits for it, never a Check.
 REDIS_SINK_TIMEOUT = 2.0
-# After an unclear failure (the connection dropped after XADD was sent), the sink reads this many
-# stream entries more than it resends, after its last confirmed one (or the newest, when none is
-# confirmed yet), to find the lines that Redis did store.
+# An unclear failure is one where the connection dropped after XADD was sent. The sink then reads the
+# entries after its last confirmed one, or the newest when none is confirmed yet, to find the lines
+# that Redis did store. It reads this many entries more than it is about to resend.
 REDIS_LOOKBACK = 1000
 # A file spool starts a new segment file once the current one reaches this size.
 SPOOL_SEGMENT_BYTES = 4 * 1024 * 1024
