@@ -242,10 +242,7 @@ def _policy_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- audit query|stats and policy replay: reading decision logs ---------------------------------
-# The chain helper's `audit verify|keygen|jwks` share the `audit` parser: build_parser creates it once
-# and passes its subparsers to _add_audit_read_commands.
-
+# audit query|stats and policy replay: reading decision logs.
 
 def _audit_filters(args: argparse.Namespace):
     from extauthz.audit_query import build_filters
@@ -407,7 +404,114 @@ def _add_policy_replay_command(policy_commands) -> None:
     replay.set_defaults(run=_policy_replay)
 
 
-# --- end of audit query|stats and policy replay -------------------------------------------------
+def _audit_verify(args: argparse.Namespace) -> int:
+    import json
+
+    import redis
+
+    from extauthz.audit_chain import (
+        AuditKeyError,
+        ReadResult,
+        read_files,
+        read_jwks_source,
+        read_redis_stream,
+        verify_lines,
+    )
+
+    if not args.files and not args.redis:
+        print("extauthz audit verify: give decision log files (- for stdin) or --redis URL", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        keys = None
+        for source in args.jwks or []:
+            keys = {**(keys or {}), **read_jwks_source(source)}
+        read = ReadResult()
+        read_files(args.files, read)
+        if args.redis:
+            read_redis_stream(args.redis, args.stream, read)
+    except AuditKeyError as exc:
+        print(f"extauthz audit verify: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"extauthz audit verify: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    except redis.RedisError as exc:
+        print(f"extauthz audit verify: cannot read the Redis stream {args.stream}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    report = verify_lines(read.lines, keys, read.skipped, args.allow_missing_start)
+    unchecked = keys is None and not args.skip_signatures
+    if args.format == "json":
+        print(json.dumps({"ok": report.ok and not unchecked, "signatures_checked": report.signatures_checked,
+                          "writers": [writer.as_dict() for writer in report.writers],
+                          "malformed": [finding.as_dict() for finding in report.malformed],
+                          "skipped": report.skipped}, indent=2))
+    else:
+        _print_verify_report(report, unchecked)
+    return 0 if report.ok and not unchecked else 1
+
+
+def _print_verify_report(report, unchecked: bool) -> None:
+    for writer in report.writers:
+        if writer.ok:
+            start = f" (lines before seq {writer.first_seq} not checked)" if writer.first_seq != 1 else ""
+            print(f"OK      {writer.writer}: seq {writer.first_seq}-{writer.last_seq}, {writer.decisions} decisions, "
+                  f"{writer.checkpoints} checkpoints{start}")
+            continue
+        more = len(writer.findings) - 1
+        print(f"FAILED  {writer.writer}: {writer.findings[0].message}"
+              + (f" (and {more} more findings)" if more else ""))
+    for finding in report.malformed:
+        print(f"FAILED  {finding.message} at {finding.where}")
+    if not report.writers and not report.malformed:
+        print("FAILED  no decision log records found")
+    if report.skipped:
+        print(f"skipped {report.skipped} lines that are not records")
+    duplicates = sum(writer.duplicates for writer in report.writers)
+    if duplicates:
+        print(f"ignored {duplicates} exact copies of lines (a file given twice, or a line delivered twice)")
+    if unchecked:
+        print("signatures not checked: pass --jwks FILE with the writers' audit JWKS, or --skip-signatures")
+    elif not report.signatures_checked:
+        print("signatures not checked (--skip-signatures)")
+    failed = sum(not writer.ok for writer in report.writers)
+    print(f"{len(report.writers)} writers: {len(report.writers) - failed} OK, {failed} failed")
+
+
+def _audit_keygen(args: argparse.Namespace) -> int:
+    from extauthz.audit_chain import generate_signer, write_key_file
+
+    signer = generate_signer("ES256")
+    try:
+        write_key_file(Path(args.file), signer)
+    except FileExistsError:
+        print(f"extauthz audit keygen: {args.file} already exists (remove it or choose another path)", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"extauthz audit keygen: cannot write {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(signer.jwks_pretty())
+    return 0
+
+
+def _audit_jwks(args: argparse.Namespace) -> int:
+    from extauthz.audit_chain import AuditKeyError, load_signer
+    from extauthz.config import load_config
+
+    try:
+        config = load_config(args.config)
+        key_file = config.decision_log.signing_key_file
+        if key_file is None:
+            raise ConfigError(args.config, "decision_log.signing_key_file",
+                              "not set, so each serve process signs with a key generated at start",
+                              f"fetch http://{config.listen.http}/.well-known/audit-jwks.json from the running "
+                              "process, or set signing_key_file to a key from `extauthz audit keygen FILE`")
+        signer = load_signer(key_file)
+    except (ConfigError, AuditKeyError) as exc:
+        print(f"extauthz audit jwks: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(signer.jwks_pretty())
+    return 0
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
@@ -556,10 +660,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_policy_replay_command(policy_commands)
 
-    # audit query|stats (audit_query.py). `audit verify|keygen|jwks` add their parsers to audit_commands.
-    audit = commands.add_parser("audit", help="query, count and check decision logs")
+    audit = commands.add_parser("audit", help="verify, query and count decision logs, and manage their signing key")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     _add_audit_read_commands(audit_commands)
+
+    verify = audit_commands.add_parser(
+        "verify", help="verify the hash chain and the signed checkpoints of every writer in decision logs")
+    verify.add_argument("files", nargs="*", metavar="FILE",
+                        help="decision log files in any order: rotated, gzip (.gz) or - for stdin")
+    verify.add_argument("--jwks", action="append", metavar="FILE_OR_URL",
+                        help="audit JWKS of the writers, a file or an http(s) URL such as "
+                             "http://HOST:9192/.well-known/audit-jwks.json; repeatable")
+    verify.add_argument("--skip-signatures", action="store_true",
+                        help="without --jwks: check the hash chains only, and exit 0 when they hold")
+    verify.add_argument("--allow-missing-start", action="store_true",
+                        help="accept a writer whose first lines are gone, as when rotation deleted the oldest "
+                             "file; its chain is checked from the first line present")
+    verify.add_argument("--redis", metavar="URL", help="also read the Redis stream at this URL, such as "
+                        "redis://127.0.0.1:6379/0")
+    verify.add_argument("--stream", metavar="KEY", default="extauthz:decisions",
+                        help="with --redis: the stream key (default: %(default)s)")
+    verify.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    verify.set_defaults(run=_audit_verify)
+
+    audit_keygen = audit_commands.add_parser(
+        "keygen", help="write a new EC P-256 key for decision_log.signing_key_file and print its public JWKS")
+    audit_keygen.add_argument("file", metavar="FILE", help="where to write the PEM private key (mode 0600); must "
+                              "not exist")
+    audit_keygen.set_defaults(run=_audit_keygen)
+
+    audit_jwks = audit_commands.add_parser("jwks", help="print the public JWKS of decision_log.signing_key_file")
+    audit_jwks.add_argument("--config", required=True, help="extauthz configuration")
+    audit_jwks.set_defaults(run=_audit_jwks)
 
     envoy = commands.add_parser("envoy-config", help="print an Envoy configuration that calls extauthz")
     envoy.add_argument("--config", required=True, help="extauthz configuration (its listen.grpc address)")

@@ -102,17 +102,6 @@ class TokenConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DecisionLogConfig:
-    sink: str
-    path: Path | None
-    # End-user claims to record in user_claims, beyond the ones with a field of their own.
-    claims: tuple[str, ...] = ()
-    # Request headers (lower-case names) to record as "sha256:<hex>", and to record in clear.
-    headers: tuple[str, ...] = ()
-    clear_headers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_token_bytes: int
     max_path_bytes: int
@@ -144,6 +133,29 @@ class StoreConfig:
     @property
     def shared(self) -> bool:
         return not self.url.startswith("memory://")
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLogConfig:
+    sink: str  # stdout, file or redis
+    path: Path | None = None  # the file of `file:PATH`
+    file_max_bytes: int = 100 * 1024 * 1024
+    file_backups: int = 10
+    redis_stream: str = "extauthz:decisions"
+    redis_maxlen: int = 1_000_000
+    spool_path: Path | None = None  # a folder for a file spool; None keeps the spool in memory
+    spool_max_records: int = 100_000
+    on_full: str = "deny"
+    max_wait_ms: int = 50
+    checkpoint_interval: float = 60.0
+    signing_key_file: Path | None = None
+    # End-user claims to record in user_claims, beyond the ones with a field of their own.
+    claims: tuple[str, ...] = ()
+    # Request headers (lower-case names) to record as "sha256:<hex>", and to record in clear.
+    headers: tuple[str, ...] = ()
+    clear_headers: tuple[str, ...] = ()
+    # The store's Redis connection settings, which the redis sink uses; set only for that sink.
+    store: StoreConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +222,10 @@ class _Section:
             raise self.error(name, f"expected a non-empty string, got {value!r}")
         return value.strip()
 
-    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+    def integer(self, name: str, default: int, minimum: int, maximum: int, fix: str | None = None) -> int:
         value = self.raw(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            raise self.error(name, f"expected an integer from {minimum} to {maximum}, got {value!r}")
+            raise self.error(name, f"expected an integer from {minimum} to {maximum}, got {value!r}", fix)
         return value
 
     def duration(self, name: str, default: str | None = None, required: bool = False,
@@ -394,19 +406,86 @@ def _token(top: _Section) -> TokenConfig:
 
 def _decision_log(top: _Section) -> DecisionLogConfig:
     section = top.section("decision_log")
-    sink = section.string("sink", "stdout")
+    sink, path = _decision_log_sink(section)
     recorded = _recorded_fields(section)
+
+    file_section = section.section("file")
+    file_max_bytes = file_section.integer("max_bytes", 100 * 1024 * 1024, 4096, 2**40,
+                                          "write the size in bytes, such as 104857600 for 100 MiB")
+    file_backups = file_section.integer("backups", 10, 1, 1000)
+    file_section.finish()
+
+    redis_section = section.section("redis")
+    redis_stream = redis_section.string("stream", "extauthz:decisions")
+    redis_maxlen = redis_section.integer("maxlen", 1_000_000, 1000, 1_000_000_000,
+                                         "write the number of entries the stream keeps, such as 1000000")
+    redis_section.finish()
+
+    spool_section = section.section("spool")
+    spool_path = _spool_folder(spool_section)
+    spool_max_records = spool_section.integer("max_records", 100_000, 1, 100_000_000)
+    spool_section.finish()
+
+    config = DecisionLogConfig(
+        sink=sink,
+        path=path,
+        file_max_bytes=file_max_bytes,
+        file_backups=file_backups,
+        redis_stream=redis_stream,
+        redis_maxlen=redis_maxlen,
+        spool_path=spool_path,
+        spool_max_records=spool_max_records,
+        on_full=section.choice("on_full", "deny", ("deny", "drop")),
+        max_wait_ms=section.integer("max_wait_ms", 50, 0, 1000,
+                                    "a Check must hand its record over well within Envoy's Check timeout"),
+        checkpoint_interval=_seconds(section, "checkpoint_interval", 60, 1, 86_400),
+        signing_key_file=section.file_path("signing_key_file",
+                                           hint="write a key there with `extauthz audit keygen FILE`, or drop "
+                                                "signing_key_file to generate one at start"),
+        **recorded,
+    )
     section.finish()
-    if sink == "stdout":
-        return DecisionLogConfig("stdout", None, **recorded)
+    return config
+
+
+def _decision_log_sink(section: _Section) -> tuple[str, Path | None]:
+    sink = section.string("sink", "stdout")
+    if sink in ("stdout", "redis"):
+        return sink, None
     if sink.startswith("file:") and len(sink) > len("file:"):
         path = Path(sink[len("file:"):])
         if not path.is_absolute():
             path = section.base / path
         if not path.parent.is_dir():
             raise section.error("sink", f"folder not found: {path.parent}", "create it or change the path")
-        return DecisionLogConfig("file", path, **recorded)
-    raise section.error("sink", f"invalid sink {sink!r}", "use stdout or file:PATH")
+        return "file", path
+    raise section.error("sink", f"invalid sink {sink!r}", "use stdout, file:PATH or redis")
+
+
+def _spool_folder(section: _Section) -> Path | None:
+    path = section.file_path("path", must_exist=False)
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        raise section.error("path", f"not a folder: {path}", "name a folder for the spool files, or drop path "
+                            "to spool in memory")
+    if not path.exists() and not path.parent.is_dir():
+        raise section.error("path", f"folder not found: {path.parent}", "create it or change the path")
+    return path
+
+
+def _seconds(section: _Section, name: str, default: int, minimum: int, maximum: int) -> float:
+    """Read a number of seconds: an integer such as 60, or a duration such as 60s or 5m."""
+    value = section.raw(name, default)
+    if isinstance(value, str):
+        seconds = section.duration(name)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise section.error(name, f"expected a number of seconds, such as 60, got {value!r}")
+    if not minimum <= seconds <= maximum:
+        raise section.error(name, f"expected {minimum} to {maximum} seconds, got {value!r}")
+    return seconds
 
 
 def _recorded_fields(section: _Section) -> dict[str, tuple[str, ...]]:
@@ -575,6 +654,14 @@ def load_config(path: str | Path) -> Config:
     values = {name: read(top) for name, read in _SECTIONS.items()}
 
     config = Config(source=source, **values)
+    if config.decision_log.sink == "redis":
+        if not config.store.shared:
+            raise ConfigError(str(source), "decision_log.sink", "the redis sink writes to the Redis of store.url, "
+                              f"which is {config.store.url}",
+                              "set store.url to redis://HOST:PORT/DB (or Sentinel or Cluster), or use stdout or "
+                              "file:PATH")
+        config = dataclasses.replace(config, decision_log=dataclasses.replace(config.decision_log,
+                                                                               store=config.store))
     for index, issuer in enumerate(config.issuers):
         if issuer.issuer == config.token.issuer:
             raise ConfigError(str(source), f"issuers[{index}].issuer",

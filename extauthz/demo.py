@@ -109,6 +109,8 @@ class _DecisionTail:
                 record = json.loads(line)
             except ValueError:
                 continue
+            if record.get("type") != "decision":
+                continue
             with self._lock:
                 self.records.append(record)
 

@@ -38,6 +38,7 @@ _REASON_LIST = [
     Reason("internal_error", 500, None, "The authorization server failed."),
     Reason("state_unavailable", 503, None, "The authorization state store is unavailable."),
     Reason("secret_unavailable", 503, None, "A credential for the upstream is unavailable."),
+    Reason("audit_unavailable", 503, None, "The decision could not be recorded."),
 ]
 
 REASONS: dict[str, Reason] = {reason.code: reason for reason in _REASON_LIST}
@@ -59,6 +60,16 @@ class ConfigError(ExtauthzError):
         if fix:
             text = f"{text} ({fix})"
         super().__init__(text)
+
+
+class DecisionLogError(ExtauthzError):
+    """A decision log that cannot be set up: names the `decision_log` key and the fix."""
+
+    def __init__(self, key: str, message: str, fix: str | None = None):
+        self.key = key
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{key}: {message}" + (f" ({fix})" if fix else ""))
 
 
 class DenyError(ExtauthzError):

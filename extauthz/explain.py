@@ -8,7 +8,6 @@ an empty in-process one, so revocations and one-time claims in a shared Redis ar
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from extauthz.config import Config
 from extauthz.decision import Decision
-from extauthz.decision_log import DecisionLog
+from extauthz.decision_log import DiscardedLog
 from extauthz.errors import DenyError
 from extauthz.policy import Policy, combine_requirements, rule_matches
 from extauthz.response import www_authenticate
@@ -87,10 +86,13 @@ def _requirements_text(policy: Policy) -> list[str]:
 
 def explain(config: Config, request: ExplainRequest) -> dict[str, Any]:
     """Decide `request` as `serve` would; return the decision with the policies considered."""
-    authorizer, _ = build_authorizer(config, DecisionLog(config.decision_log, stream=io.BytesIO()),
-                                     store=MemoryStore())
-    check_request = build_check_request(request)
-    decision: Decision = authorizer.check(check_request, claims=request.claims)
+    decision_log = DiscardedLog()
+    try:
+        authorizer, _ = build_authorizer(config, decision_log, store=MemoryStore())
+        check_request = build_check_request(request)
+        decision: Decision = authorizer.check(check_request, claims=request.claims)
+    finally:
+        decision_log.close()
 
     result: dict[str, Any] = {
         "decision": "allow" if decision.allowed else "deny",

@@ -1,6 +1,7 @@
 """The HTTP side listener: the JWKS of minted tokens, liveness and readiness.
 
     GET /.well-known/jwks.json   public keys that verify minted tokens
+    GET /.well-known/audit-jwks.json   the public key that verifies this process's decision log checkpoints
     GET /metrics                 Prometheus text format (see extauthz.metrics)
     GET /healthz                 200 while the process runs
     GET /readyz                  200 once keys, issuers' key sets and policies are loaded, else 503;
@@ -21,6 +22,7 @@ from extauthz.metrics import CONTENT_TYPE
 log = logging.getLogger(__name__)
 
 JWKS_PATH = "/.well-known/jwks.json"
+AUDIT_JWKS_PATH = "/.well-known/audit-jwks.json"
 # Backends may cache the JWKS this long; the next key is published a whole rotation period ahead.
 JWKS_MAX_AGE = 300
 
@@ -29,11 +31,13 @@ class SideApp:
     """A WSGI application serving the side listener's paths."""
 
     def __init__(self, jwks: Callable[[], bytes], is_ready: Callable[[], bool],
-                 store_state: Callable[[], str] = lambda: "ok", metrics: Callable[[], bytes] | None = None):
+                 store_state: Callable[[], str] = lambda: "ok", metrics: Callable[[], bytes] | None = None,
+                 audit_jwks: Callable[[], bytes] | None = None):
         self.jwks = jwks
         self.is_ready = is_ready
         self.store_state = store_state
         self.metrics = metrics
+        self.audit_jwks = audit_jwks
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -43,6 +47,9 @@ class SideApp:
                               extra=[("Allow", "GET, HEAD")])
         if path == JWKS_PATH:
             return self._send(start_response, "200 OK", self.jwks(), content_type="application/jwk-set+json",
+                              extra=[("Cache-Control", f"public, max-age={JWKS_MAX_AGE}")])
+        if path == AUDIT_JWKS_PATH and self.audit_jwks is not None:
+            return self._send(start_response, "200 OK", self.audit_jwks(), content_type="application/jwk-set+json",
                               extra=[("Cache-Control", f"public, max-age={JWKS_MAX_AGE}")])
         if path == "/metrics" and self.metrics is not None:
             return self._send(start_response, "200 OK", self.metrics(), content_type=CONTENT_TYPE)

@@ -7,6 +7,10 @@
     extauthz_jwks_fetches_total{result}          issuer JWKS fetches over HTTPS (success, failure)
     extauthz_store_errors_total{operation}       shared store operations that failed
     extauthz_policy_reloads_total{result}        configuration and policy reloads (success, failure)
+    extauthz_decision_log_dropped_total{reason}  decision records not kept (spool_full, queue_full, closed,
+                                                 error, shutdown)
+    extauthz_decision_log_sink_errors_total      failed writes to the decision log sink
+    extauthz_decision_log_spooled_records        decision log lines waiting in the spool for the sink
     extauthz_build_info{version}                 always 1
 
 Label values come from fixed sets (reason codes, operation names), never from requests.
@@ -49,6 +53,14 @@ class Metrics:
                                     registry=self.registry)
         self.policy_reloads = Counter("extauthz_policy_reloads", "Configuration and policy reloads by result.",
                                       ("result",), registry=self.registry)
+        self.decision_log_dropped = Counter("extauthz_decision_log_dropped",
+                                            "Decision records that could not be kept, by reason.", ("reason",),
+                                            registry=self.registry)
+        self.decision_log_sink_errors = Counter("extauthz_decision_log_sink_errors",
+                                                "Failed writes to the decision log sink.", registry=self.registry)
+        self.decision_log_spooled = Gauge("extauthz_decision_log_spooled_records",
+                                          "Decision log lines waiting in the spool for the sink.",
+                                          registry=self.registry)
         build_info = Gauge("extauthz_build_info", "Build information; always 1.", ("version",),
                            registry=self.registry)
         build_info.labels(version=__version__).set(1)

@@ -13,7 +13,9 @@ Steps, each of which may end the pipeline with a deny:
    and allow.
 
 A step that needs the shared store and cannot reach it denies with 503 `state_unavailable`, except
-that a route that is neither sensitive nor one-time follows `store.on_error`.
+that a route that is neither sensitive nor one-time follows `store.on_error`. When the decision log
+cannot keep a Check's record (its spool is full) and `decision_log.on_full` is `deny`, the Check
+denies with 503 `audit_unavailable`, whatever it decided.
 
 Policies annotated `extauthz.io/mode: dry-run` do not decide. The enforced policies that match decide
 alone (a request that only dry-run policies match is allowed, and its token gets the default
@@ -111,12 +113,17 @@ class Authorizer:
         finally:
             decision.duration = time.perf_counter() - started
             try:
-                self.decision_log.write(decision)
+                self._record(decision)
                 self.metrics.record_check(decision.outcome, decision.reason, decision.duration,
                                           decision.minted is not None, decision.would_deny)
             except Exception:  # noqa: BLE001 - recording must never turn a decision into a gRPC error
                 log.exception("recording the decision failed", extra={"decision_id": decision.decision_id})
         return decision
+
+    def _record(self, decision: Decision) -> None:
+        """Hand the decision to the decision log; fail closed when it cannot be kept and on_full is deny."""
+        if not self.decision_log.write(decision) and self.decision_log.on_full == "deny":
+            decision.deny(DenyError("audit_unavailable", "the decision log could not keep the record"))
 
     def _decide(self, check_request: external_auth_pb2.CheckRequest, decision: Decision, snapshot: Snapshot,
                 claims: dict | None = None) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import tempfile
 from collections import Counter
@@ -38,7 +37,7 @@ from extauthz.audit_query import record_time, render_table, request_summary
 from extauthz.audit_read import LogEntry
 from extauthz.config import Config, IssuerConfig, load_config
 from extauthz.decision import Decision
-from extauthz.decision_log import DecisionLog
+from extauthz.decision_log import DiscardedLog
 from extauthz.errors import ConfigError
 from extauthz.identity import EndUser
 from extauthz.jwks import IssuerKeys
@@ -468,8 +467,7 @@ class Replayer:
         # Without --config the issuers come from the log itself, each accepting the audiences logged for it.
         self.learn_issuers = learn_issuers
         self.clock = ReplayClock()
-        self._discard = open(os.devnull, "wb")  # noqa: SIM115 - closed by close()
-        self.decision_log = DecisionLog(config.decision_log, stream=self._discard)
+        self.decision_log = DiscardedLog()
         issuer_keys = {issuer.issuer: IssuerKeys(issuer) for issuer in config.issuers}
         self.authorizer, _ = build_authorizer(config, self.decision_log, issuer_keys, store=MemoryStore(),
                                               secrets=PlaceholderSecrets(secret.name for secret in config.secrets))
@@ -482,7 +480,6 @@ class Replayer:
 
     def close(self) -> None:
         self.decision_log.close()
-        self._discard.close()
 
     @property
     def policies(self) -> Sequence[Policy]:

@@ -130,36 +130,47 @@ def _sentinel_client(url: str, options: dict[str, Any]) -> redis.Redis:
     return sentinel.master_for(service, db=database)
 
 
+def redis_client(config: StoreConfig, timeout: float | None = None,
+                 retries: int | None = None) -> redis.Redis | RedisCluster:
+    """Return a client for the Redis that store.url names, with the store's password and TLS settings.
+
+    `timeout` and `retries` replace store.timeout and store.retries. Raises StoreError when the
+    settings cannot make a client.
+    """
+    timeout = config.timeout if timeout is None else timeout
+    retries = config.retries if retries is None else retries
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(ExponentialBackoff(cap=timeout, base=0.002), retries),
+        "health_check_interval": 5,
+    }
+    if config.password_env:
+        password = os.environ.get(config.password_env)
+        if password is None:
+            raise StoreError(f"environment variable {config.password_env} (store.password_env) is not set")
+        options["password"] = password
+    if config.tls_ca_file is not None:
+        options["ssl_ca_certs"] = str(config.tls_ca_file)
+
+    try:
+        if config.url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+            return _sentinel_client(config.url, options)
+        if config.cluster:
+            options.pop("health_check_interval")
+            return RedisCluster.from_url(config.url, **options)
+        return redis.Redis.from_url(config.url, **options)
+    except (ValueError, redis.RedisError) as exc:
+        raise StoreError(f"cannot set up the Redis client for store.url: {type(exc).__name__}: {exc}") from exc
+
+
 class RedisStore:
     name = "redis"
 
     def __init__(self, config: StoreConfig):
         self.config = config
         self.keys = KeyNames(config.key_prefix)
-        options: dict[str, Any] = {
-            "socket_timeout": config.timeout,
-            "socket_connect_timeout": config.timeout,
-            "retry": Retry(ExponentialBackoff(cap=config.timeout, base=0.002), config.retries),
-            "health_check_interval": 5,
-        }
-        if config.password_env:
-            password = os.environ.get(config.password_env)
-            if password is None:
-                raise StoreError(f"environment variable {config.password_env} (store.password_env) is not set")
-            options["password"] = password
-        if config.tls_ca_file is not None:
-            options["ssl_ca_certs"] = str(config.tls_ca_file)
-
-        try:
-            if config.url.startswith(("redis+sentinel://", "rediss+sentinel://")):
-                self.client = _sentinel_client(config.url, options)
-            elif config.cluster:
-                options.pop("health_check_interval")
-                self.client = RedisCluster.from_url(config.url, **options)
-            else:
-                self.client = redis.Redis.from_url(config.url, **options)
-        except (ValueError, redis.RedisError) as exc:
-            raise StoreError(f"cannot set up the Redis client for store.url: {type(exc).__name__}: {exc}") from exc
+        self.client = redis_client(config)
 
         self._claim = self.client.register_script(CLAIM_SCRIPT)
         self._revoke = self.client.register_script(REVOKE_SCRIPT)

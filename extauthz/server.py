@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauthz.config import Address, Config, DecisionLogConfig, load_config, with_server_options
 from extauthz.decision_log import DecisionLog
-from extauthz.errors import ConfigError, JWKSError
+from extauthz.errors import ConfigError, DecisionLogError, JWKSError
 from extauthz.http_listener import SideApp, SideListener
 from extauthz.identity import TokenVerifier
 from extauthz.jwks import IssuerKeys
@@ -64,13 +64,17 @@ def worker_path(path: Path, worker: int) -> Path:
 
 
 def worker_decision_log(config: DecisionLogConfig, worker: int) -> DecisionLogConfig:
-    """Return the decision log configuration of one worker: a file sink gets the worker's own file.
+    """Return the decision log configuration of one worker: its own file for a file sink, its own spool folder.
 
     With the stdout sink, every worker writes to the standard output that they all inherited.
     """
-    if config.path is None:
-        return config
-    return dataclasses.replace(config, path=worker_path(config.path, worker))
+    changes: dict[str, Path] = {}
+    if config.path is not None:
+        changes["path"] = worker_path(config.path, worker)
+    if config.spool_path is not None:
+        # A spool folder belongs to one writer: it holds that writer's chain, under a lock.
+        changes["spool_path"] = config.spool_path / f"worker-{worker}"
+    return dataclasses.replace(config, **changes)
 
 
 def load_policy_set(config: Config, secret_names: frozenset[str] | None = None) -> PolicySet:
@@ -140,8 +144,18 @@ class Service:
         self.metrics = Metrics()
         if decision_log is None:
             log_config = config.decision_log if worker is None else worker_decision_log(config.decision_log, worker)
-            decision_log = DecisionLog(log_config)
+            try:
+                decision_log = DecisionLog(log_config, metrics=self.metrics, start=False)
+            except DecisionLogError as exc:
+                raise ConfigError(str(config.source), exc.key, exc.message, exc.fix) from exc
         self.decision_log = decision_log
+        try:
+            self._build(config, worker)
+        except BaseException:
+            self.decision_log.close()
+            raise
+
+    def _build(self, config: Config, worker: int | None) -> None:
         self.issuer_keys = self._load_issuers(config, {}, fetch_must_succeed=False)
         try:
             self.store = open_store(config.store)
@@ -175,7 +189,7 @@ class Service:
         try:
             self.http = SideListener(http_address,
                                      SideApp(self.key_directory.jwks, self.is_ready, self.store_state,
-                                             self.metrics.render))
+                                             self.metrics.render, self.decision_log.jwks))
         except OSError as exc:
             self.grpc_server.stop(None)
             raise ConfigError(str(config.source), "listen.http", f"cannot listen on {http_address}: "
@@ -326,6 +340,7 @@ class Service:
         log.info("ready", extra={"grpc_port": self.grpc_port, "http_port": self.http_port})
 
     def start(self) -> None:
+        self.decision_log.start()
         for keys in self.issuer_keys.values():
             keys.start()
         self.revocations.sync()
@@ -369,5 +384,6 @@ class Service:
         self.secrets.stop()
         self.key_directory.stop()
         self.store.close()
+        # Last, once no Check runs: the queue, the spool and the shutdown checkpoint go out now.
         self.decision_log.close()
         log.info("stopped")

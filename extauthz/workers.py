@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extauthz.config import Config
 from extauthz.errors import ConfigError
-from extauthz.http_listener import JWKS_PATH, SideApp, SideListener
+from extauthz.http_listener import AUDIT_JWKS_PATH, JWKS_PATH, SideApp, SideListener
 from extauthz.keys import CLOCK_SKEW
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,9 @@ class Supervisor:
         # Public keys of exited workers, each with the wall-clock time until which it is served.
         self._exited_keys: list[tuple[dict, float]] = []
         self._keys_lock = threading.Lock()
+        # Every worker's decision log checkpoint keys seen since start, by kid. They are never dropped:
+        # an auditor needs them as long as the logs they signed are kept.
+        self._audit_keys: dict[str, dict] = {}
 
         self.registry = CollectorRegistry(auto_describe=True)
         self.restarts = Counter("extauthz_worker_restarts", "Worker processes started again after they exited.",
@@ -207,7 +210,8 @@ class Supervisor:
         check_ports_free(config)
         try:
             self.http = SideListener(config.listen.http,
-                                     SideApp(self.jwks, self.is_ready, self.store_state, self.metrics))
+                                     SideApp(self.jwks, self.is_ready, self.store_state, self.metrics,
+                                             self.audit_jwks))
         except OSError as exc:
             raise ConfigError(str(config.source), "listen.http", f"cannot listen on {config.listen.http}: "
                               f"{exc.strerror}", "stop whatever uses that port or choose another") from exc
@@ -243,6 +247,23 @@ class Supervisor:
             for key, _ in self._exited_keys:
                 keys.setdefault(key.get("kid"), key)
         return json.dumps({"keys": list(keys.values())}, separators=(",", ":")).encode()
+
+    def audit_jwks(self) -> bytes:
+        """Return the keys that sign the workers' decision log checkpoints: current workers and exited ones."""
+        for worker in self.workers:
+            text = self.worker_text(worker, AUDIT_JWKS_PATH)
+            if text is None:
+                continue
+            try:
+                keys = json.loads(text).get("keys", [])
+            except (ValueError, AttributeError):
+                continue
+            with self._keys_lock:
+                for key in keys:
+                    if isinstance(key, dict) and isinstance(key.get("kid"), str):
+                        self._audit_keys.setdefault(key["kid"], key)
+        with self._keys_lock:
+            return json.dumps({"keys": list(self._audit_keys.values())}, separators=(",", ":")).encode()
 
     def _refresh_keys(self, worker: Worker) -> None:
         """Read one worker's JWKS and keep its keys; keep the previous keys when the worker does not respond."""

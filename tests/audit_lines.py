@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from extauthz.config import Config
 from extauthz.decision import Decision
-from extauthz.decision_log import DecisionLog, build_record
 from extauthz.keys import generate_private_key, public_jwk
+from extauthz.record import build_record
 
 ZERO_HASH = "0" * 64
 
@@ -115,17 +115,21 @@ def spec_record(decision: Decision, *, clear_headers: Iterable[str] = (), hashed
     return record
 
 
-class DecisionCapture(DecisionLog):
-    """A DecisionLog that writes today's flat records to memory and keeps every Decision."""
+class DecisionCapture:
+    """A decision log that keeps every Decision and writes its record, without a chain envelope, to memory."""
 
     def __init__(self, config: Config):
+        self.config = config.decision_log
         self.buffer = io.BytesIO()
-        super().__init__(config.decision_log, stream=self.buffer)
         self.decisions: list[Decision] = []
 
-    def write(self, decision: Decision) -> None:
-        super().write(decision)
+    def write(self, decision: Decision) -> bool:
+        self.buffer.write(orjson.dumps(build_record(decision, self.config), option=orjson.OPT_SORT_KEYS) + b"\n")
         self.decisions.append(decision)
+        return True
+
+    def close(self) -> None:
+        pass
 
     def flat_lines(self) -> bytes:
         return self.buffer.getvalue()

@@ -3,10 +3,30 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from helpers import TestIdP, make_authorizer, write_config
+from helpers import OPEN_LOGS, TestIdP, make_authorizer, write_config
 from store_helpers import store_config
 
 from extauthz.store import Store, open_store
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_remaining_logs() -> Iterator[None]:
+    """Close the RecordingLogs of module-scoped fixtures at the end of the session."""
+    yield
+    while OPEN_LOGS:
+        OPEN_LOGS.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def close_recording_logs() -> Iterator[None]:
+    """Close the RecordingLogs that a test's own function-scoped fixtures opened, stopping their threads.
+
+    pytest sets up wider-scoped fixtures first, so logs already open here belong to those and stay open.
+    """
+    before = len(OPEN_LOGS)
+    yield
+    while len(OPEN_LOGS) > before:
+        OPEN_LOGS.pop().close()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import orjson
 import yaml
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
+from extauthz.audit_chain import generate_signer
 from extauthz.config import Config, load_config
 from extauthz.decision_log import DecisionLog
 from extauthz.keys import generate_private_key, public_jwk
@@ -25,6 +26,8 @@ ISSUER = "https://idp.test"
 AUDIENCE = "mesh"
 TOKEN_ISSUER = "https://extauthz.test"
 MFA = "urn:test:mfa"
+# Signs the checkpoints of every RecordingLog: one key for the session saves a key generation per test.
+AUDIT_SIGNER = generate_signer()
 
 
 def free_port() -> int:
@@ -134,17 +137,29 @@ def write_config(folder: Path, idp: TestIdP, *, policies: str = POLICIES,
     return path
 
 
+# RecordingLogs not yet closed; conftest closes them after each test, so no writer thread outlives it.
+OPEN_LOGS: list[DecisionLog] = []
+
+
 class RecordingLog(DecisionLog):
-    """A DecisionLog writing to memory, with the records parsed back."""
+    """A DecisionLog writing to memory, with the records parsed back once the writer delivered them."""
 
     def __init__(self, config: Config):
         self.buffer = io.BytesIO()
-        super().__init__(config.decision_log, stream=self.buffer)
+        super().__init__(config.decision_log, stream=self.buffer, signer=AUDIT_SIGNER)
+        OPEN_LOGS.append(self)
 
-    def records(self) -> list[dict[str, Any]]:
+    def lines(self) -> list[dict[str, Any]]:
+        """Return every line written so far: decisions and checkpoints."""
+        assert self.flush(), "the decision log writer did not deliver the records within 10s"
         return [orjson.loads(line) for line in self.buffer.getvalue().splitlines()]
 
+    def records(self) -> list[dict[str, Any]]:
+        """Return the decision records written so far."""
+        return [line for line in self.lines() if line["type"] == "decision"]
+
     def raw(self) -> bytes:
+        assert self.flush(), "the decision log writer did not deliver the records within 10s"
         return self.buffer.getvalue()
 
 

@@ -27,6 +27,8 @@ LOOPBACK = "127.0.0.1"
 DEMO_PORTS = frozenset({9191, 9192, 9193, 9901, 10000})
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+# Seconds a test waits for the writer thread to write the record of a Check that has returned.
+RECORD_TIMEOUT = 10.0
 
 
 def loopback_ports(count: int) -> list[int]:
@@ -166,8 +168,26 @@ class ServeProcess:
     def decision_log(self) -> bytes:
         return self.stdout_path.read_bytes()
 
-    def decision_records(self) -> list[dict[str, Any]]:
+    def decision_lines(self) -> list[dict[str, Any]]:
+        """Return every decision log line on stdout: decision records and checkpoints."""
         return [json.loads(line) for line in self.decision_log().splitlines()]
+
+    def decision_records(self) -> list[dict[str, Any]]:
+        return [line for line in self.decision_lines() if line["type"] == "decision"]
+
+    def wait_for_record(self, timeout: float = RECORD_TIMEOUT, **fields: Any) -> None:
+        """Wait until a decision record with these field values is on stdout.
+
+        The writer thread writes a record after the Check has returned, so a test that reads the
+        record of a request it just sent waits for it here. Raises AssertionError after `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.decision_records():
+                if all(record.get(name) == value for name, value in fields.items()):
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"no decision record with {fields} within {timeout:g}s")
 
     def stderr(self) -> bytes:
         return self.stderr_path.read_bytes()

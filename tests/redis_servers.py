@@ -24,12 +24,17 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    """One redis-server on 127.0.0.1 that keeps nothing on disk."""
+    """One redis-server on 127.0.0.1 that keeps nothing on disk, unless `persist` is set.
+
+    With `persist`, every write goes to an append-only file in `folder` before Redis replies
+    (appendfsync always), so a killed and restarted server still has every acknowledged write.
+    """
 
     def __init__(self, folder: Path, port: int | None = None, extra: list[str] | None = None,
-                 password: str | None = None):
+                 password: str | None = None, persist: bool = False):
         self.folder = folder
         self.password = password
+        self.persist = persist
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.extra = extra or []
@@ -40,8 +45,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        append_only = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         command = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log"),
+                   *append_only, "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log"),
                    *(["--requirepass", self.password] if self.password else []), *self.extra]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
@@ -77,7 +83,7 @@ class RedisServer:
                            password=self.password)
 
     def stop(self) -> None:
-        """Kill the server; its data is gone (nothing is kept on disk)."""
+        """Kill the server; its data is gone unless `persist` is set."""
         if self.process is not None and self.process.poll() is None:
             if self.frozen:
                 self.resume()

@@ -305,10 +305,12 @@ def test_serve_stdout_and_stderr_captured_together(tmp_path, idp):
 
     reader = LogReader(files=expand_paths([str(captured)]))
     entries = list(reader)
+    decisions = [entry for entry in entries if entry.kind == "decision"]
 
-    assert len(stdout_lines) == 3
+    # The start checkpoint, three decisions and the shutdown checkpoint.
+    assert len(stdout_lines) == 5
     assert len(stderr_lines) >= 2
-    assert [entry.record["request_id"] for entry in entries] == ["serve-1", "serve-2", "serve-3"]
-    assert [entry.record["reason"] for entry in entries] == ["allowed", "missing_token", "allowed"]
-    assert all(entry.kind == "decision" for entry in entries)
+    assert [entry.record["request_id"] for entry in decisions] == ["serve-1", "serve-2", "serve-3"]
+    assert [entry.record["reason"] for entry in decisions] == ["allowed", "missing_token", "allowed"]
+    assert [entry.record["trigger"] for entry in entries if entry.kind == "checkpoint"] == ["start", "shutdown"]
     assert reader.skipped == len(stderr_lines)

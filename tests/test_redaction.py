@@ -247,7 +247,8 @@ def test_serve_leaks_no_credential(tmp_path, idp):
 
     assert exit_code == 0
     assert len(minted) == 3
-    records = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+    lines = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+    records = [line for line in lines if line["type"] == "decision"]
     assert [record["reason"] for record in records] == EXPECTED_REASONS
     assert_allowlist_recorded(records)
     stderr = server.stderr().decode()

@@ -157,6 +157,7 @@ def test_one_time_retry_across(replicas, idp):
     first.reason(path=ONE_TIME_PATH, token=token, request_id="req-1")
     retry = second.check(path=ONE_TIME_PATH, token=token, request_id="req-1")
     assert retry.dynamic_metadata["reason"] == "allowed"
+    second.process.wait_for_record(request_id="req-1", retry=True)
     records = [record for record in second.process.decision_records() if record.get("request_id") == "req-1"]
     assert records[-1]["retry"] is True
 

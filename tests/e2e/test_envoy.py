@@ -92,6 +92,7 @@ def test_query_reaches_upstream(stack):
 def test_upstream_path_authorized(stack, path):
     reply = stack.send(path)
     assert reply.status == 200
+    stack.server.wait_for_record(request_id=reply.request_id)
     records = [record for record in stack.server.decision_records() if record["request_id"] == reply.request_id]
     assert [record["path"] for record in records] == [reply.json()["path"]]
 
@@ -100,6 +101,7 @@ def test_dot_segments_need_token(stack):
     reply = stack.send("/public/../admin")
     assert reply.status == 401
     assert reply.headers["www-authenticate"] == "Bearer"
+    stack.server.wait_for_record(request_id=reply.request_id)
     records = [record for record in stack.server.decision_records() if record["request_id"] == reply.request_id]
     assert [record["path"] for record in records] == ["/admin"]
 
@@ -111,6 +113,7 @@ def test_unmatched_route_forbidden(stack):
     body = reply.json()
     assert body["error"] == "no_matching_policy"
     assert body["error_description"] == "No policy allows this request."
+    stack.server.wait_for_record(request_id=reply.request_id)
     records = [record for record in stack.server.decision_records() if record["request_id"] == reply.request_id]
     assert [record["decision_id"] for record in records] == [body["decision_id"]]
 
@@ -118,6 +121,7 @@ def test_unmatched_route_forbidden(stack):
 def test_bad_host_record_has_id(stack):
     reply = stack.send("/public/x", headers={"host": "bad!host"})
     assert reply.status == 400
+    stack.server.wait_for_record(request_id=reply.request_id)
     records = [record for record in stack.server.decision_records() if record.get("request_id") == reply.request_id]
     assert [record["decision_id"] for record in records] == [reply.json()["decision_id"]]
 
@@ -140,6 +144,7 @@ def test_one_record_per_request(own_stack, idp):
     ]
     assert [reply.status for reply in replies] == [200, 401, 401, 200, 403]
 
+    own_stack.server.wait_for_record(request_id=replies[-1].request_id)
     request_ids = [record["request_id"] for record in own_stack.server.decision_records()]
     assert request_ids == [reply.request_id for reply in replies]
 

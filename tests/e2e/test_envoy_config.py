@@ -171,6 +171,7 @@ def test_context_extension_matches(generated):
     status, _, body = generated.send("/context/shop/items")
     assert status == 200
     assert json.loads(body)["path"] == "/context/shop/items"
+    generated.server.wait_for_record(path="/context/shop/items")
     records = [record for record in generated.server.decision_records() if record["path"] == "/context/shop/items"]
     assert [record["policies"] for record in records] == [["istio-system/context-shop"]]
 
