@@ -40,7 +40,8 @@ from extauthz.errors import DenyError, TokenError
 from extauthz.identity import EndUser, TokenVerifier, extract_bearer
 from extauthz.metrics import Metrics
 from extauthz.mint import TokenMinter
-from extauthz.policy import Policy, PolicySet, Requirements, combine_requirements
+from extauthz.policy import Policy, Requirements
+from extauthz.policy_index import PolicySet
 from extauthz.reauth import check_authentication
 from extauthz.replay import ReplayGuard
 from extauthz.request import HttpRequest, from_check_request, read_peer
@@ -176,7 +177,7 @@ class Authorizer:
 
         With `claim`, a one-time token is claimed in the store; without it nothing is written.
         """
-        requirements = combine_requirements(policies)
+        requirements = snapshot.policies.requirements(policies)
 
         if requirements.require_user and user is None:
             raise TokenError("missing_token")

@@ -31,7 +31,8 @@ from extauthz.keys import KeyRing
 from extauthz.metrics import Metrics
 from extauthz.mint import TokenMinter
 from extauthz.pipeline import Authorizer
-from extauthz.policy import PolicySet, load_policies, policy_files
+from extauthz.policy import load_policies, policy_files
+from extauthz.policy_index import PolicySet
 from extauthz.replay import ReplayGuard
 from extauthz.revocation import RevocationList
 from extauthz.secrets import Secrets
