@@ -414,6 +414,12 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
             raise reader.error(field, "unknown extauthz annotation", fix)
         if not isinstance(value, str):
             raise reader.error(field, f"annotation values are strings, got {value!r}", 'quote the value: "..."')
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # YAML's "\ud800" escape yields a lone surrogate, which no token claim or header can carry.
+            raise reader.error(field, f"invalid text: {exc.reason} at character {exc.start}",
+                               "write the value as plain UTF-8 text") from exc
         settings[short] = value.strip()
 
     def duration(short: str) -> float | None:

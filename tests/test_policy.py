@@ -805,6 +805,17 @@ def test_non_string_annotation_rejected(value):
     assert error.fix == 'quote the value: "..."'
 
 
+@pytest.mark.parametrize("name", ["extauthz.io/token-audience", "extauthz.io/token-scope",
+                                  "extauthz.io/acr-values"])
+def test_lone_surrogate_annotation_rejected(name):
+    # yaml.safe_load turns the escape "\ud800" into a lone surrogate, which a token claim cannot carry.
+    value = yaml.safe_load('"api-\\ud800"')
+    error = annotation_error({name: value})
+    assert error.key == f"metadata.annotations[{name}]"
+    assert "surrogate" in error.message
+    assert error.fix == "write the value as plain UTF-8 text"
+
+
 @pytest.mark.parametrize(
     ("name", "suggestion"),
     [
