@@ -16,7 +16,7 @@ Header: `typ: txntoken+jwt`, `alg`, `kid`. Claims:
 
 from __future__ import annotations
 
-import base64
+import binascii
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,8 +48,11 @@ class MintedToken:
     kid: str
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64url(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
 
 
 def header_segment(key: SigningKey) -> bytes:
