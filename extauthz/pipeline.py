@@ -27,8 +27,8 @@ the snapshot once, so it finishes on the snapshot it started with.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +50,17 @@ from extauthz.secrets import Secrets, SecretUnavailable
 from extauthz.store import StoreError
 
 log = logging.getLogger(__name__)
+
+
+# The version (4) and variant (RFC 4122) bits of a random UUID, and the mask that clears them.
+_UUID4_BITS = 0x4000 << 64 | 0x8000 << 48
+_UUID4_MASK = ~(0xF000 << 64 | 0xC000 << 48)
+
+
+def new_decision_id() -> str:
+    """Return a random UUID (version 4) as text: what str(uuid.uuid4()) returns, at half its cost."""
+    text = f"{int.from_bytes(os.urandom(16), 'big') & _UUID4_MASK | _UUID4_BITS:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +112,7 @@ class Authorizer:
         on claims without a signed token. `serve` never passes it.
         """
         started = time.perf_counter()
-        decision = Decision(decision_id=str(uuid.uuid4()), started_at=self.clock())
+        decision = Decision(decision_id=new_decision_id(), started_at=self.clock())
         try:
             self._decide(check_request, decision, self.snapshot, claims)
         except DenyError as exc:

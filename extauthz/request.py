@@ -34,8 +34,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SPIFFE = "spiffe://"
 # The methods of RFC 9110 and PATCH, which _METHOD accepts: a set lookup skips the regex for them.
 _STANDARD_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
-# Hosts and paths up to this length are normalised once and then looked up in a bounded cache of
-# NORMALISED_CACHE_SIZE entries each, so the cache holds at most about 1 MiB of text.
+# Hosts, paths and principals up to this length are read once and then looked up in a bounded cache
+# of NORMALISED_CACHE_SIZE entries each, so each cache holds at most 512 KiB of input text.
 _CACHED_INPUT_LENGTH = 256
 NORMALISED_CACHE_SIZE = 2048
 
@@ -83,7 +83,19 @@ def strip_spiffe(principal: str) -> str:
     return principal[len(_SPIFFE):] if principal.startswith(_SPIFFE) else principal
 
 
+# Principals name workloads, so a few hundred cover a mesh. Longer ones are not cached.
+@functools.lru_cache(maxsize=NORMALISED_CACHE_SIZE)
+def _cached_principal_namespace(principal: str) -> str:
+    return _principal_namespace(principal)
+
+
 def principal_namespace(principal: str) -> str:
+    if len(principal) <= _CACHED_INPUT_LENGTH:
+        return _cached_principal_namespace(principal)
+    return _principal_namespace(principal)
+
+
+def _principal_namespace(principal: str) -> str:
     parts = strip_spiffe(principal).split("/")
     for index in range(len(parts) - 1):
         if parts[index] == "ns":

@@ -64,7 +64,11 @@ _SHORT_LENGTHS = tuple(bytes((length,)) for length in range(0x80))
 def _field(tag: bytes, payload: bytes) -> bytes:
     """Encode a length-delimited field (string, bytes or message) whose encoded tag is `tag`."""
     size = len(payload)
-    return tag + (_SHORT_LENGTHS[size] if size < 0x80 else _varint(size)) + payload
+    if size < 0x80:
+        return tag + _SHORT_LENGTHS[size] + payload
+    if size < 0x4000:
+        return tag + bytes((size & 0x7F | 0x80, size >> 7)) + payload
+    return tag + _varint(size) + payload
 
 
 def _tag(number: int) -> bytes:

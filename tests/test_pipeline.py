@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from helpers import check_request
+
+from extauthz.pipeline import new_decision_id
 
 
 def test_pipeline_allows_public_route(authorizer):
@@ -56,3 +60,13 @@ def test_pipeline_bug_becomes_internal_error(authorizer, monkeypatch):
     assert decision.reason == "internal_error"
     assert decision.status == 500
     assert decision_log.records()[0]["decision"] == "deny"
+
+
+def test_decision_id_is_uuid4():
+    identifiers = {new_decision_id() for _ in range(200)}
+    assert len(identifiers) == 200
+    for identifier in identifiers:
+        parsed = uuid.UUID(identifier)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == identifier
