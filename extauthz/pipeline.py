@@ -175,9 +175,16 @@ class Authorizer:
         injected = []
         for injection in requirements.injections:
             try:
-                injected.append((injection.header, injection.render(self.secrets.get(injection.secret))))
+                value = injection.render(self.secrets.get(injection.secret))
             except SecretUnavailable as exc:
                 raise DenyError("secret_unavailable", f"secret {injection.secret} has no value") from exc
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                # An environment variable with bytes that are not UTF-8 reads as lone surrogates, which
+                # no header value in a CheckResponse can carry.
+                raise DenyError("secret_unavailable", f"secret {injection.secret} is not valid UTF-8 text") from exc
+            injected.append((injection.header, value))
         decision.allow(self.minter.mint(decision.decision_id, request, user, requirements))
         decision.injected_headers = injected
         decision.injected_secrets = [injection.secret for injection in requirements.injections]
