@@ -12,7 +12,7 @@ Revocation is never cached: the pipeline checks it on every Check.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import itertools
 import json
@@ -36,13 +36,14 @@ from jwt.api_jws import PyJWS
 from extauthz.errors import TokenError
 from extauthz.jwks import IssuerKeys
 
-# \Z, not $: $ also matches before a trailing newline, which base64.urlsafe_b64decode ignores.
+# \Z, not $: $ also matches before a trailing newline, which binascii.a2b_base64 ignores.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
 _SCHEME_SEPARATOR = re.compile(r"[ \t]+")
 # Dates beyond the year 5000 are treated as malformed rather than as "never expires".
 _MAX_NUMERIC_DATE = 95_617_584_000
 _JWS = PyJWS(options={"verify_signature": True})
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_TO_STANDARD_BASE64 = bytes.maketrans(b"-_", b"+/")
 # An ES256 signature is r || s, each a 32-byte big-endian integer (RFC 7518 section 3.4).
 _P256_INTEGER_BYTES = 32
 
@@ -101,16 +102,16 @@ def _b64url_decode(segment: str) -> bytes:
     Like pyjwt, this rejects encodings whose unused trailing bits are not zero, so one token has one
     spelling.
     """
-    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment.encode("ascii"):
+    standard = segment.encode("ascii").translate(_TO_STANDARD_BASE64) + b"=" * (-len(segment) % 4)
+    data = binascii.a2b_base64(standard)
+    if binascii.b2a_base64(data, newline=False) != standard:
         raise ValueError("non-canonical base64url")
     return data
 
 
 def _b64_json(segment: str, part: str) -> dict[str, Any]:
     try:
-        raw = _b64url_decode(segment)
-        value = json.loads(raw, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+        value = _JSON_DECODER.decode(_b64url_decode(segment).decode("utf-8"))
         # A lone surrogate escape (\ud800) parses but cannot be encoded again as UTF-8.
         orjson.dumps(value)
     except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
@@ -131,6 +132,10 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for every token: json.loads would build a new one, and its scanner, on each call.
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_reject_constant)
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str, required: bool) -> float | None:
