@@ -116,6 +116,9 @@ class Authorizer:
         try:
             self._decide(check_request, decision, self.snapshot, claims)
         except DenyError as exc:
+            # The traceback holds this frame, which holds the decision, which holds the error: dropping
+            # it spares the garbage collector one reference cycle per deny.
+            exc.__traceback__ = None
             decision.deny(exc)
         except Exception as exc:  # noqa: BLE001 - a bug must become a deny, never an allow or a crash
             log.exception("Check failed", extra={"decision_id": decision.decision_id})

@@ -70,3 +70,12 @@ def test_decision_id_is_uuid4():
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
         assert str(parsed) == identifier
+
+
+def test_deny_keeps_no_traceback(authorizer, idp):
+    # A traceback would tie the error to the Check's frames and the decision in a reference cycle.
+    authorizer, _ = authorizer
+    decision = authorizer.check(check_request(path="/admin", token=idp.token(auth_time=1_600_000_000)))
+    assert decision.reason == "insufficient_user_authentication"
+    assert decision.error is not None
+    assert decision.error.__traceback__ is None
