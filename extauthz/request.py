@@ -58,7 +58,8 @@ class HttpRequest:
     destination_principal: str
     destination_port: int | None
     destination_address: str = ""
-    context_extensions: dict[str, str] = field(default_factory=dict)
+    # The CheckRequest's own map when read from one, as `headers` is.
+    context_extensions: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def source_namespace(self) -> str:
@@ -316,5 +317,5 @@ def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: in
         destination_principal=peer.destination_principal,
         destination_address=peer.destination_address,
         destination_port=peer.destination_port,
-        context_extensions=dict(attributes.context_extensions),
+        context_extensions=attributes.context_extensions,
     )
