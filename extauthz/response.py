@@ -13,6 +13,8 @@ the message that the protobuf classes build for the same decision.
 
 from __future__ import annotations
 
+import functools
+
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
@@ -31,18 +33,26 @@ def _quote(value: str) -> str:
 
 def www_authenticate(decision: Decision) -> str | None:
     """Return the Bearer challenge for a deny, or None when the reason needs no challenge."""
-    reason = REASONS[decision.reason]
-    if decision.reason == "missing_token":
+    error = decision.error
+    if isinstance(error, StepUpRequired):
+        return _challenge(decision.reason, decision.description, error.max_age, tuple(error.acr_values))
+    return _challenge(decision.reason, decision.description, None, ())
+
+
+# The arguments come from the fixed reasons and the policies' max ages and acr values, so few
+# distinct challenges exist; the bound only guards against an unexpected variety.
+@functools.lru_cache(maxsize=256)
+def _challenge(code: str, description: str, max_age: int | None, acr_values: tuple[str, ...]) -> str | None:
+    reason = REASONS[code]
+    if code == "missing_token":
         return "Bearer"
     if reason.oauth_error is None:
         return None
-    params = [f"error={_quote(reason.oauth_error)}", f"error_description={_quote(decision.description)}"]
-    error = decision.error
-    if isinstance(error, StepUpRequired):
-        if error.max_age is not None:
-            params.append(f"max_age={_quote(str(error.max_age))}")
-        if error.acr_values:
-            params.append(f"acr_values={_quote(' '.join(error.acr_values))}")
+    params = [f"error={_quote(reason.oauth_error)}", f"error_description={_quote(description)}"]
+    if max_age is not None:
+        params.append(f"max_age={_quote(str(max_age))}")
+    if acr_values:
+        params.append(f"acr_values={_quote(' '.join(acr_values))}")
     return "Bearer " + ", ".join(params)
 
 
