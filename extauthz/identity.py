@@ -175,8 +175,9 @@ def _string_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
 def _verify_signature(token: str, key: PyJWK, algorithm: str) -> None:
     """Raise TokenError unless the token's signature verifies with `key` under `algorithm`.
 
-    ES256 and EdDSA are verified with `cryptography` directly, as pyjwt would verify them, which costs
-    about a third less than pyjwt's decode. Every other algorithm goes through pyjwt.
+    ES256 and EdDSA are verified with `cryptography` directly, as pyjwt would verify them. For ES256
+    that took about 43 µs against 65 µs for pyjwt's decode (measured once, on a 2-CPU VM). Every other
+    algorithm goes through pyjwt.
     """
     public_key = key.key
     signing_input, _, signature_segment = token.rpartition(".")

@@ -35,7 +35,7 @@ _SPIFFE = "spiffe://"
 # The methods of RFC 9110 and PATCH, which _METHOD accepts: a set lookup skips the regex for them.
 _STANDARD_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 # Hosts, paths and principals up to this length are read once and then looked up in a bounded cache
-# of NORMALISED_CACHE_SIZE entries each, so each cache holds at most 512 KiB of input text.
+# of NORMALISED_CACHE_SIZE entries each, so each cache keeps at most 512 KiB of input text.
 _CACHED_INPUT_LENGTH = 256
 NORMALISED_CACHE_SIZE = 2048
 
