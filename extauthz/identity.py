@@ -1,16 +1,20 @@
 """The caller's identity: the workload principal from Envoy, the end user from a bearer token.
 
-An end-user token is verified with pyjwt against the key set of the issuer named in its `iss`, with
-the algorithms configured for that issuer (never the token's own choice). Claims are checked strictly:
-numeric dates must be JSON numbers, duplicate claim names and `crit` headers are rejected.
-Verified tokens are cached by their SHA-256 digest until they expire, so a repeated token costs a
-dict lookup instead of a signature verification.
+An end-user token is verified against the key set of the issuer named in its `iss`, with the
+algorithms configured for that issuer (never the token's own choice): ES256 and EdDSA signatures with
+`cryptography` directly, other algorithms with pyjwt. Claims are checked strictly: numeric dates must
+be JSON numbers, duplicate claim names, `crit` headers and non-canonical base64url are rejected.
+Verified tokens are cached by their SHA-256 digest, at most `limits.token_cache_size` of them, so a
+repeated token costs a dict lookup instead of a signature verification. A cached token is checked
+again for its dates on every use, and verified again once its issuer's key set has been replaced.
+Revocation is never cached: the pipeline checks it on every Check.
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -22,17 +26,26 @@ from typing import Any
 
 import jwt
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from jwt.api_jwk import PyJWK
 from jwt.api_jws import PyJWS
 
 from extauthz.errors import TokenError
 from extauthz.jwks import IssuerKeys
 
-# \Z, not $: $ also matches before a trailing newline, which base64.urlsafe_b64decode ignores.
+# \Z, not $: $ also matches before a trailing newline, which binascii.a2b_base64 ignores.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
 _SCHEME_SEPARATOR = re.compile(r"[ \t]+")
 # Dates beyond the year 5000 are treated as malformed rather than as "never expires".
 _MAX_NUMERIC_DATE = 95_617_584_000
 _JWS = PyJWS(options={"verify_signature": True})
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_TO_STANDARD_BASE64 = bytes.maketrans(b"-_", b"+/")
+# An ES256 signature is r || s, each a 32-byte big-endian integer (RFC 7518 section 3.4).
+_P256_INTEGER_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +96,22 @@ def extract_bearer(value: str | None, max_bytes: int) -> str | None:
     return token
 
 
+def _b64url_decode(segment: str) -> bytes:
+    """Decode a base64url segment without padding; raise ValueError unless it is the canonical encoding.
+
+    Like pyjwt, this rejects encodings whose unused trailing bits are not zero, so one token has one
+    spelling.
+    """
+    standard = segment.encode("ascii").translate(_TO_STANDARD_BASE64) + b"=" * (-len(segment) % 4)
+    data = binascii.a2b_base64(standard)
+    if binascii.b2a_base64(data, newline=False) != standard:
+        raise ValueError("non-canonical base64url")
+    return data
+
+
 def _b64_json(segment: str, part: str) -> dict[str, Any]:
     try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+        value = _JSON_DECODER.decode(_b64url_decode(segment).decode("utf-8"))
         # A lone surrogate escape (\ud800) parses but cannot be encoded again as UTF-8.
         orjson.dumps(value)
     except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
@@ -97,16 +122,20 @@ def _b64_json(segment: str, part: str) -> dict[str, Any]:
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise ValueError(f"duplicate member {name!r}")
-        result[name] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        names = [name for name, _ in pairs]
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"duplicate member {duplicate!r}")
     return result
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for every token: json.loads would build a new one, and its scanner, on each call.
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_reject_constant)
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str, required: bool) -> float | None:
@@ -141,6 +170,35 @@ def _string_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return tuple(value)
     raise TokenError("invalid_token", f"{name} claim is not a string or list of strings")
+
+
+def _verify_signature(token: str, key: PyJWK, algorithm: str) -> None:
+    """Raise TokenError unless the token's signature verifies with `key` under `algorithm`.
+
+    ES256 and EdDSA are verified with `cryptography` directly, as pyjwt would verify them. For ES256
+    that took about 43 µs against 65 µs for pyjwt's decode (measured once, on a 2-CPU VM). Every other
+    algorithm goes through pyjwt.
+    """
+    public_key = key.key
+    signing_input, _, signature_segment = token.rpartition(".")
+    try:
+        if algorithm == "ES256" and isinstance(public_key, ec.EllipticCurvePublicKey) \
+                and public_key.curve.name == "secp256r1":
+            signature = _b64url_decode(signature_segment)
+            if len(signature) != 2 * _P256_INTEGER_BYTES:
+                raise TokenError("invalid_token", "invalid signature")
+            der = encode_dss_signature(int.from_bytes(signature[:_P256_INTEGER_BYTES], "big"),
+                                       int.from_bytes(signature[_P256_INTEGER_BYTES:], "big"))
+            public_key.verify(der, signing_input.encode("ascii"), _ECDSA_SHA256)
+            return
+        if algorithm == "EdDSA" and isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            public_key.verify(_b64url_decode(signature_segment), signing_input.encode("ascii"))
+            return
+        _JWS.decode_complete(token, key=public_key, algorithms=[algorithm])
+    except (InvalidSignature, jwt.InvalidSignatureError) as exc:
+        raise TokenError("invalid_token", "invalid signature") from exc
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        raise TokenError("invalid_token", f"signature verification failed: {type(exc).__name__}") from exc
 
 
 class TokenVerifier:
@@ -210,12 +268,10 @@ class TokenVerifier:
         key, generation = found
         if key.algorithm_name != algorithm:
             raise TokenError("invalid_token", "algorithm does not match the key")
-        try:
-            _JWS.decode_complete(token, key=key.key, algorithms=[algorithm])
-        except jwt.InvalidSignatureError as exc:
-            raise TokenError("invalid_token", "invalid signature") from exc
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            raise TokenError("invalid_token", f"signature verification failed: {type(exc).__name__}") from exc
+        if header.get("b64", True) is False:
+            # RFC 7797 unencoded payloads need `crit`, which is rejected above; pyjwt rejects them too.
+            raise TokenError("invalid_token", "unencoded payload (b64: false) is not supported")
+        _verify_signature(token, key, algorithm)
 
         # The payload verified above is the one parsed above: both come from the same segment.
         user = self._validate_claims(unverified, issuer, kid)
@@ -280,10 +336,15 @@ class TokenVerifier:
             self._cache[digest] = (user, generation)
 
     def _evict(self, now: float) -> None:
+        """Drop expired entries, then the oldest (dicts keep insertion order), down to three quarters full.
+
+        Each pass costs one walk over the cache and frees at least a quarter of it, so the walk is
+        paid once per cache_size / 4 new tokens: O(1) amortised per token.
+        """
         expired = [digest for digest, (user, _) in self._cache.items() if user.expires_at < now]
         for digest in expired:
             del self._cache[digest]
-        # Still full: drop the oldest quarter (dicts keep insertion order).
-        if len(self._cache) >= self.cache_size:
-            for digest in list(self._cache)[: max(1, self.cache_size // 4)]:
+        excess = len(self._cache) - (self.cache_size - max(1, self.cache_size // 4))
+        if excess > 0:
+            for digest in list(itertools.islice(self._cache, excess)):
                 del self._cache[digest]

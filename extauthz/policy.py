@@ -79,28 +79,49 @@ _SELECTOR_KEYS = ("request.headers", "request.auth.claims", "context_extensions"
 
 
 class StringMatch:
-    """One Istio string value: exact, `prefix*`, `*suffix` or `*` (any non-empty value)."""
+    """One Istio string value: exact, `prefix*`, `*suffix` or `*` (any non-empty value).
 
-    __slots__ = ("text", "test")
+    `mode` is `exact`, `prefix`, `suffix`, `any` or `template`, and `operand` the text that mode
+    compares: the whole value, the prefix, the suffix, "" for `any`, and for a path template the
+    literal text before its first `{*}` or `{**}`, which every path it matches starts with.
+    """
+
+    __slots__ = ("text", "test", "mode", "operand")
 
     def __init__(self, text: str, fold_case: bool = False, path: bool = False):
         self.text = text
         value = text.lower() if fold_case else text
         if path and "{" in value:
+            self.mode, self.operand = "template", _template_prefix(value)
             self.test = _path_template(value)
         elif value == "*":
+            self.mode, self.operand = "any", ""
             self.test = bool
         elif value.endswith("*"):
             prefix = value[:-1]
+            self.mode, self.operand = "prefix", prefix
             self.test = lambda candidate: candidate.startswith(prefix)
         elif value.startswith("*"):
             suffix = value[1:]
+            self.mode, self.operand = "suffix", suffix
             self.test = lambda candidate: candidate.endswith(suffix)
         else:
+            self.mode, self.operand = "exact", value
             self.test = value.__eq__
 
     def matches(self, candidate: str) -> bool:
         return bool(self.test(candidate))
+
+
+def _template_prefix(value: str) -> str:
+    literal = []
+    for segment in value.split("/"):
+        if segment in ("{*}", "{**}"):
+            break
+        literal.append(segment)
+    else:
+        return value
+    return "/".join(literal) + "/" if literal else ""
 
 
 def _path_template(value: str) -> Callable[[str], bool]:
@@ -128,7 +149,7 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text, strict=False)
 
 
-def _in_networks(address: str, networks: tuple) -> bool:
+def in_networks(address: str, networks: tuple) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -393,6 +414,12 @@ def _requirements(reader: _Reader, annotations: dict[str, Any], token_ttl_cap: f
             raise reader.error(field, "unknown extauthz annotation", fix)
         if not isinstance(value, str):
             raise reader.error(field, f"annotation values are strings, got {value!r}", 'quote the value: "..."')
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # YAML's "\ud800" escape yields a lone surrogate, which no token claim or header can carry.
+            raise reader.error(field, f"invalid text: {exc.reason} at character {exc.start}",
+                               "write the value as plain UTF-8 text") from exc
         settings[short] = value.strip()
 
     def duration(short: str) -> float | None:
@@ -547,21 +574,23 @@ def load_policies(paths: Iterable[Path], provider: str, token_ttl_cap: float,
 
 
 # --- matching ---------------------------------------------------------------------------------
+# The reference evaluation of a rule. Checks run extauthz.policy_index's compiled form of it, which
+# tests compare with these functions.
 
 
 def _field_holds(match: FieldMatch, request: HttpRequest, user: EndUser | None) -> bool:
     kind = match.kind
     if kind == "ip":
-        hit = _in_networks(request.source_address, match.values)
+        hit = in_networks(request.source_address, match.values)
     elif kind == "port":
         hit = request.port in match.values
     else:
-        candidates = _candidates(kind, request, user)
+        candidates = request_candidates(kind, request, user)
         hit = any(value.matches(candidate) for value in match.values for candidate in candidates)
     return hit != match.negated
 
 
-def _candidates(kind: str, request: HttpRequest, user: EndUser | None) -> tuple[str, ...]:
+def request_candidates(kind: str, request: HttpRequest, user: EndUser | None) -> tuple[str, ...]:
     if kind == "path":
         return (request.path,)
     if kind == "method":
@@ -580,7 +609,7 @@ def _candidates(kind: str, request: HttpRequest, user: EndUser | None) -> tuple[
     raise AssertionError(kind)
 
 
-def _condition_candidates(condition: Condition, request: HttpRequest, user: EndUser | None) -> tuple[Any, ...]:
+def condition_candidates(condition: Condition, request: HttpRequest, user: EndUser | None) -> tuple[Any, ...]:
     key = condition.key
     if key == "request.headers":
         value = request.headers.get(condition.selector[0])
@@ -623,14 +652,14 @@ def _condition_candidates(condition: Condition, request: HttpRequest, user: EndU
 
 def _value_hits(condition: Condition, values: tuple[Any, ...], candidates: tuple[Any, ...]) -> bool:
     if condition.kind == "ip":
-        return any(_in_networks(candidate, values) for candidate in candidates)
+        return any(in_networks(candidate, values) for candidate in candidates)
     if condition.kind == "port":
         return any(candidate in values for candidate in candidates)
     return any(value.matches(candidate) for value in values for candidate in candidates)
 
 
 def _condition_holds(condition: Condition, request: HttpRequest, user: EndUser | None) -> bool:
-    candidates = _condition_candidates(condition, request, user)
+    candidates = condition_candidates(condition, request, user)
     if condition.values and not _value_hits(condition, condition.values, candidates):
         return False
     return not (condition.not_values and _value_hits(condition, condition.not_values, candidates))
@@ -643,28 +672,6 @@ def rule_matches(rule: Rule, request: HttpRequest, user: EndUser | None) -> bool
                                    for operation in rule.operations):
         return False
     return all(_condition_holds(condition, request, user) for condition in rule.conditions)
-
-
-class PolicySet:
-    """The loaded policies, grouped by namespace."""
-
-    def __init__(self, policies: Iterable[Policy], root_namespace: str):
-        self.root_namespace = root_namespace
-        self.policies = tuple(policies)
-        self._by_namespace: dict[str, list[Policy]] = {}
-        for policy in self.policies:
-            self._by_namespace.setdefault(policy.namespace, []).append(policy)
-
-    def __len__(self) -> int:
-        return len(self.policies)
-
-    def match(self, request: HttpRequest, user: EndUser | None) -> list[Policy]:
-        """Return every policy that applies to the request's destination and whose rules match."""
-        candidates = list(self._by_namespace.get(self.root_namespace, ()))
-        namespace = request.destination_namespace
-        if namespace and namespace != self.root_namespace:
-            candidates.extend(self._by_namespace.get(namespace, ()))
-        return [policy for policy in candidates if any(rule_matches(rule, request, user) for rule in policy.rules)]
 
 
 def combine_requirements(policies: Iterable[Policy]) -> Requirements:

@@ -9,8 +9,10 @@ or `%`, backslashes, fragments, control characters, `;` path parameters) is a 40
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
@@ -30,6 +32,12 @@ _METHOD = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}\Z")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}\Z")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SPIFFE = "spiffe://"
+# The methods of RFC 9110 and PATCH, which _METHOD accepts: a set lookup skips the regex for them.
+_STANDARD_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
+# Hosts, paths and principals up to this length are read once and then looked up in a bounded cache
+# of NORMALISED_CACHE_SIZE entries each, so each cache keeps at most 512 KiB of input text.
+_CACHED_INPUT_LENGTH = 256
+NORMALISED_CACHE_SIZE = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +50,16 @@ class HttpRequest:
     authority_port: int | None
     path: str
     query: str
-    headers: dict[str, str] = field(repr=False)
+    # The CheckRequest's own header map when Envoy sends `headers`, else a dict built from `header_map`.
+    headers: Mapping[str, str] = field(repr=False)
     request_id: str
     source_address: str
     source_principal: str
     destination_principal: str
     destination_port: int | None
     destination_address: str = ""
-    context_extensions: dict[str, str] = field(default_factory=dict)
+    # The CheckRequest's own map when read from one, as `headers` is.
+    context_extensions: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def source_namespace(self) -> str:
@@ -74,7 +84,19 @@ def strip_spiffe(principal: str) -> str:
     return principal[len(_SPIFFE):] if principal.startswith(_SPIFFE) else principal
 
 
+# Principals name workloads, so a few hundred cover a mesh. Longer ones are not cached.
+@functools.lru_cache(maxsize=NORMALISED_CACHE_SIZE)
+def _cached_principal_namespace(principal: str) -> str:
+    return _principal_namespace(principal)
+
+
 def principal_namespace(principal: str) -> str:
+    if len(principal) <= _CACHED_INPUT_LENGTH:
+        return _cached_principal_namespace(principal)
+    return _principal_namespace(principal)
+
+
+def _principal_namespace(principal: str) -> str:
     parts = strip_spiffe(principal).split("/")
     for index in range(len(parts) - 1):
         if parts[index] == "ns":
@@ -92,6 +114,12 @@ def _is_ipv6(text: str) -> bool:
 
 def normalise_host(authority: str, scheme: str) -> tuple[str, int | None]:
     """Return the lower-case host and its port, or None when the port is the scheme's default."""
+    if len(authority) <= _CACHED_INPUT_LENGTH:
+        return _normalise_host_cached(authority, scheme)
+    return _normalise_host(authority, scheme)
+
+
+def _normalise_host(authority: str, scheme: str) -> tuple[str, int | None]:
     text = authority.strip().lower()
     if not text or "@" in text:
         raise RequestError("invalid_host", "empty host or userinfo in the authority")
@@ -125,6 +153,12 @@ def normalise_host(authority: str, scheme: str) -> tuple[str, int | None]:
 
 def normalise_path(raw: str, max_bytes: int) -> tuple[str, str]:
     """Return the normalised path and the raw query; raise RequestError for ambiguous paths."""
+    if len(raw) <= _CACHED_INPUT_LENGTH:
+        return _normalise_path_cached(raw, max_bytes)
+    return _normalise_path(raw, max_bytes)
+
+
+def _normalise_path(raw: str, max_bytes: int) -> tuple[str, str]:
     if len(raw) > max_bytes:
         raise RequestError("invalid_path", f"path longer than {max_bytes} bytes")
     if not _PATH_CHARS.match(raw):
@@ -158,6 +192,12 @@ def normalise_path(raw: str, max_bytes: int) -> tuple[str, str]:
     if len(normalised) > 1 and (decoded.endswith("/") or decoded.endswith("/.") or decoded.endswith("/..")):
         normalised += "/"
     return normalised, query
+
+
+# Both functions are pure and return immutable tuples. A RequestError is raised again on every call,
+# never cached.
+_normalise_host_cached = functools.lru_cache(maxsize=NORMALISED_CACHE_SIZE)(_normalise_host)
+_normalise_path_cached = functools.lru_cache(maxsize=NORMALISED_CACHE_SIZE)(_normalise_path)
 
 
 def _decode_unreserved(path: str) -> str:
@@ -206,8 +246,9 @@ class Peer:
 
 
 def _header_value(http: attribute_context_pb2.AttributeContext.HttpRequest, name: str) -> str:
-    if name in http.headers:
-        return http.headers[name]
+    value = http.headers.get(name)
+    if value is not None:
+        return value
     for entry in http.header_map.headers:
         if entry.key.lower() == name:
             return entry.raw_value.decode("latin-1") if entry.raw_value else entry.value
@@ -247,19 +288,24 @@ def from_check_request(check: external_auth_pb2.CheckRequest, max_path_bytes: in
     peer = peer or read_peer(check)
 
     method = http.method
-    if not _METHOD.match(method):
+    if method not in _STANDARD_METHODS and not _METHOD.match(method):
         raise RequestError("invalid_request", "invalid HTTP method")
-    scheme = (http.scheme or "http").lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise RequestError("invalid_request", "unsupported scheme")
+    scheme = http.scheme
+    if scheme != "http" and scheme != "https":
+        scheme = (scheme or "http").lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise RequestError("invalid_request", "unsupported scheme")
 
-    headers = dict(http.headers)
+    # The header map is read in place, not copied: nothing changes the CheckRequest during a Check.
+    headers: Mapping[str, str] = http.headers
     if not headers and http.header_map.headers:
         # Envoy sends header_map instead of headers when encode_raw_headers is on.
+        merged: dict[str, str] = {}
         for entry in http.header_map.headers:
             value = entry.raw_value.decode("latin-1") if entry.raw_value else entry.value
             name = entry.key.lower()
-            headers[name] = f"{headers[name]},{value}" if name in headers else value
+            merged[name] = f"{merged[name]},{value}" if name in merged else value
+        headers = merged
 
     authority = http.host or headers.get(":authority", "")
     host, authority_port = normalise_host(authority, scheme)

@@ -23,7 +23,6 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauthz.config import Address, Config, DecisionLogConfig, load_config, with_server_options
@@ -37,16 +36,16 @@ from extauthz.keys import KeyRing
 from extauthz.metrics import Metrics
 from extauthz.mint import TokenMinter
 from extauthz.pipeline import Authorizer
-from extauthz.policy import PolicySet, load_policies, policy_files
+from extauthz.policy import load_policies, policy_files
+from extauthz.policy_index import PolicySet
 from extauthz.replay import ReplayGuard
 from extauthz.revocation import RevocationList
 from extauthz.secrets import Secrets
-from extauthz.servicer import AuthorizationServicer
+from extauthz.servicer import AUTHORIZATION_SERVICE, AuthorizationServicer, add_authorization_servicer
 from extauthz.store import KeyNames, Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
-AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 # How often the config and policy files are checked for changes, in seconds.
 RELOAD_POLL_INTERVAL = 1.0
 # Configuration sections that a reload does not apply.
@@ -175,8 +174,7 @@ class Service:
             # Only workers share a port. One process alone must fail on a port that another process holds.
             options=[("grpc.so_reuseport", 0 if worker is None else 1)],
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(self.authorizer, config.token.header), self.grpc_server)
+        add_authorization_servicer(AuthorizationServicer(self.authorizer, config.token.header), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from helpers import AUDIENCE, ISSUER, MFA, TestIdP, b64url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from extauthz.config import IssuerConfig
 from extauthz.errors import TokenError
 from extauthz.identity import EndUser, TokenVerifier, extract_bearer
 from extauthz.jwks import IssuerKeys
+from extauthz.keys import public_jwk
 
 MAX_TOKEN = 8192
 OTHER_ISSUER = "https://other-idp.test"
@@ -108,6 +110,32 @@ def rsa_token(idp: TestIdP) -> str:
 
 def other_key_token(idp: TestIdP) -> str:
     return jwt.encode(idp.claims(), TestIdP().private_key, algorithm="ES256", headers={"kid": idp.kid})
+
+
+def non_canonical(segment: str) -> str:
+    """Return `segment` with its unused trailing bits set: it decodes to the same bytes but is not canonical."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    assert len(segment) % 4 in (2, 3), "a segment without unused bits has no other spelling"
+    return segment[:-1] + alphabet[alphabet.index(segment[-1]) | 1]
+
+
+def sign_input(idp: TestIdP, signing_input: str) -> str:
+    """Return a token with an ES256 signature of `signing_input` exactly as given."""
+    der = idp.private_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def non_canonical_signature_token(idp: TestIdP) -> str:
+    header, payload, signature = idp.token().split(".")
+    return f"{header}.{payload}.{non_canonical(signature)}"
+
+
+def non_canonical_payload_token(idp: TestIdP) -> str:
+    header, payload, _ = idp.token(jti="pad").split(".")
+    if len(payload) % 4 not in (2, 3):
+        header, payload, _ = idp.token(jti="padding").split(".")
+    return sign_input(idp, f"{header}.{non_canonical(payload)}")
 
 
 def tampered_token(idp: TestIdP) -> str:
@@ -289,6 +317,10 @@ HOSTILE_TOKENS = [
     pytest.param(lambda idp, now: raw_signed(idp, "not json"), "invalid_token", id="payload-not-json"),
     pytest.param(lambda idp, now: raw_signed(idp, b"\xff\xfe\x00{"), "invalid_token", id="payload-not-utf8"),
     pytest.param(lambda idp, now: raw_signed(idp, ""), "invalid_token", id="payload-empty"),
+    pytest.param(lambda idp, now: raw_signed(idp, json.dumps(idp.claims()).encode("utf-16")), "invalid_token",
+                 id="payload-utf16"),
+    pytest.param(lambda idp, now: raw_signed(idp, json.dumps(idp.claims()).encode("utf-8-sig")), "invalid_token",
+                 id="payload-utf8-bom"),
     pytest.param(lambda idp, now: f"{b64url(b'[]')}.{segment(idp.claims())}.AAAA", "invalid_token",
                  id="header-list"),
     pytest.param(lambda idp, now: f"{b64url(b'{')}.{segment(idp.claims())}.AAAA", "invalid_token",
@@ -308,6 +340,14 @@ HOSTILE_TOKENS = [
     pytest.param(lambda idp, now: idp.token()[:-4] + "AAAA", "invalid_token", id="signature-altered"),
     pytest.param(lambda idp, now: idp.token().rsplit(".", 1)[0] + "." + b64url(b"\x00" * 64), "invalid_token",
                  id="signature-zero"),
+    pytest.param(lambda idp, now: idp.token().rsplit(".", 1)[0] + "." + b64url(b"\x01" * 63), "invalid_token",
+                 id="signature-short"),
+    pytest.param(lambda idp, now: idp.token().rsplit(".", 1)[0] + "." + b64url(b"\x01" * 65), "invalid_token",
+                 id="signature-long"),
+    pytest.param(lambda idp, now: non_canonical_signature_token(idp), "invalid_token", id="signature-non-canonical"),
+    pytest.param(lambda idp, now: non_canonical_payload_token(idp), "invalid_token", id="payload-non-canonical"),
+    pytest.param(lambda idp, now: raw_signed(idp, json.dumps(idp.claims()), b64=False), "invalid_token",
+                 id="b64-false"),
     pytest.param(lambda idp, now: tampered_token(idp), "invalid_token", id="payload-tampered"),
     pytest.param(lambda idp, now: other_key_token(idp), "invalid_token", id="other-key-same-kid"),
     pytest.param(lambda idp, now: rsa_token(idp), "invalid_token", id="rs256-not-allowed"),
@@ -385,6 +425,25 @@ def test_verify_trailing_newline_es384(tmp_path, idp):
     with pytest.raises(TokenError) as caught:
         verifier.verify(token + "\n")
     assert caught.value.code == "invalid_token"
+
+
+def test_verify_eddsa_issuer(tmp_path, idp):
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwk = {**public_jwk(key, "EdDSA"), "kid": "ed"}
+    keys = load_issuer(tmp_path, {"keys": [jwk]}, algorithms=("EdDSA",))
+    verifier = TokenVerifier({ISSUER: keys}, 100, FakeClock())
+    token = jwt.encode(idp.claims(), key, algorithm="EdDSA", headers={"kid": "ed"})
+    assert verifier.verify(token).subject == "alice"
+
+    header, payload, signature = token.split(".")
+    for forged in (f"{header}.{segment(idp.claims(sub='admin'))}.{signature}",
+                   f"{header}.{payload}.{b64url(bytes(64))}",
+                   f"{header}.{payload}.{b64url(bytes(63))}",
+                   jwt.encode(idp.claims(), ed25519.Ed25519PrivateKey.generate(), algorithm="EdDSA",
+                              headers={"kid": "ed"})):
+        with pytest.raises(TokenError) as caught:
+            verifier.verify(forged)
+        assert caught.value.code == "invalid_token"
 
 
 def test_verify_cross_issuer_key(tmp_path, idp):
@@ -505,6 +564,19 @@ def test_cache_bounded(tmp_path, idp):
         assert len(verifier._cache) <= cache_size
 
     assert verifier.verify(tokens[-1]) is verifier.verify(tokens[-1])
+
+
+def test_cache_eviction_frees_quarter(tmp_path, idp):
+    # Each eviction pass frees a quarter of the cache, so the next quarter of new tokens is stored
+    # without walking the cache again.
+    cache_size = 8
+    verifier = make_verifier(tmp_path, idp, cache_size=cache_size)
+    for index in range(cache_size):
+        verifier.verify(idp.token(jti=f"fill-{index}"))
+    assert len(verifier._cache) == cache_size
+
+    verifier.verify(idp.token(jti="one-more"))
+    assert len(verifier._cache) == cache_size - cache_size // 4 + 1
 
 
 def test_cache_evicts_expired_first(tmp_path, idp):

@@ -17,7 +17,7 @@ from envoy.config.core.v3 import base_pb2
 from helpers import check_request, make_authorizer, write_config
 
 from extauthz.cli import main
-from extauthz.config import load_config
+from extauthz.config import SecretConfig, load_config
 from extauthz.decision_log import DecisionLog
 from extauthz.errors import ConfigError, DenyError
 from extauthz.logs import JsonFormatter
@@ -457,6 +457,21 @@ def test_missing_value_denied(tmp_path, idp, values):
     assert decision.reason == "secret_unavailable"
     assert decision.status == 503
     assert decision.injected_headers == []
+
+
+def test_secret_not_utf8_denied(tmp_path, idp, values, monkeypatch):
+    # os.environ decodes bytes that are not UTF-8 as lone surrogates.
+    monkeypatch.setenv("EXTAUTHZ_TEST_PARTNER_KEY", "fake-key-\udcff")
+    config = load_config(write_injection_config(tmp_path, idp, values))
+    secrets = Secrets([SecretConfig(name=name, file=None, env="EXTAUTHZ_TEST_PARTNER_KEY")
+                       for name in SECRET_NAMES])
+    authorizer, _ = build_authorizer(config, DecisionLog(config.decision_log, stream=io.BytesIO()), secrets=secrets)
+    decision = authorizer.check(check_request(path="/partner/charges"))
+    assert decision.reason == "secret_unavailable"
+    assert decision.detail == "secret partner-key is not valid UTF-8 text"
+    assert decision.injected_headers == []
+    response = build_check_response(decision, TOKEN_HEADER)
+    assert response.denied_response.status.code == 503
 
 
 def test_file_deleted_before_load(tmp_path, idp, values):

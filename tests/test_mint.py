@@ -222,3 +222,31 @@ def test_unique_txn_per_mint():
     second = minter.mint("txn-2", make_request(), None, Requirements())
     assert verify(minter, first.token, "orders.example.com")["jti"] == "txn-1"
     assert verify(minter, second.token, "orders.example.com")["jti"] == "txn-2"
+
+
+def test_rotation_changes_header_kid():
+    # Both times lie in the past, because verify() checks iat against the real clock.
+    clock = [NOW - 100]
+    signing = SigningConfig(algorithm="ES256", rotate_every=60.0, key_file=None)
+    config = TokenConfig(issuer=TOKEN_ISSUER, header="txn-token", ttl=30.0, signing=signing)
+    minter = TokenMinter(config, KeyRing(signing, 30.0, clock=lambda: clock[0]), clock=lambda: clock[0])
+    first = minter.mint(TXN, make_request(), None, Requirements())
+
+    clock[0] = NOW - 100 + 61
+    second = minter.mint(TXN, make_request(), None, Requirements())
+
+    assert jwt.get_unverified_header(first.token)["kid"] == first.kid
+    assert jwt.get_unverified_header(second.token)["kid"] == second.kid
+    assert second.kid != first.kid
+    assert second.kid == minter.keys.current().kid
+    # Both verify against the JWKS published after the rotation: the retired key stays in it.
+    assert verify(minter, first.token, "orders.example.com")["jti"] == TXN
+    assert verify(minter, second.token, "orders.example.com")["jti"] == TXN
+
+
+def test_non_ascii_claims_verify():
+    user = make_user(subject="b\u00f8rge", acr="urn:test:\u2603")
+    claims = mint_claims(user=user, request=make_request(source_principal="spiffe://cluster.local/ns/w\u00e9b/sa/x"))
+    assert claims["sub"] == "b\u00f8rge"
+    assert claims["rctx"]["acr"] == "urn:test:\u2603"
+    assert claims["req_wl"] == "spiffe://cluster.local/ns/w\u00e9b/sa/x"

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from helpers import check_request
+
+from extauthz.pipeline import new_decision_id
 
 
 def test_pipeline_allows_public_route(authorizer):
@@ -56,3 +60,22 @@ def test_pipeline_bug_becomes_internal_error(authorizer, monkeypatch):
     assert decision.reason == "internal_error"
     assert decision.status == 500
     assert decision_log.records()[0]["decision"] == "deny"
+
+
+def test_decision_id_is_uuid4():
+    identifiers = {new_decision_id() for _ in range(200)}
+    assert len(identifiers) == 200
+    for identifier in identifiers:
+        parsed = uuid.UUID(identifier)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == identifier
+
+
+def test_deny_keeps_no_traceback(authorizer, idp):
+    # A traceback would tie the error to the Check's frames and the decision in a reference cycle.
+    authorizer, _ = authorizer
+    decision = authorizer.check(check_request(path="/admin", token=idp.token(auth_time=1_600_000_000)))
+    assert decision.reason == "insufficient_user_authentication"
+    assert decision.error is not None
+    assert decision.error.__traceback__ is None

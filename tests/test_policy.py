@@ -15,13 +15,13 @@ from extauthz.errors import ConfigError, DenyError
 from extauthz.identity import EndUser
 from extauthz.policy import (
     Policy,
-    PolicySet,
     Requirements,
     combine_requirements,
     load_policies,
     parse_policy,
     rule_matches,
 )
+from extauthz.policy_index import PolicySet
 from extauthz.request import HttpRequest
 
 PROVIDER = "extauthz"
@@ -102,10 +102,19 @@ def parse_error(document: dict[str, Any]) -> ConfigError:
 
 
 def matches(rule: dict[str, Any], request: HttpRequest | None = None, user: EndUser | None = None) -> bool:
-    """Return whether one rule, loaded through parse_policy, matches the request."""
+    """Return whether one rule, loaded through parse_policy, matches the request.
+
+    The compiled and indexed match of PolicySet must agree with rule_matches on every case.
+    """
     policy = parse(make_document([rule]))
     assert policy is not None
-    return rule_matches(policy.rules[0], request or make_request(), user)
+    request = request or make_request()
+    expected = rule_matches(policy.rules[0], request, user)
+    # The policy's own namespace as the root namespace makes it apply to every destination.
+    for threshold in (0, 100):
+        policies = PolicySet([policy], policy.namespace, index_threshold=threshold)
+        assert policies.match(request, user) == ([policy] if expected else [])
+    return expected
 
 
 def operation(**fields: Any) -> dict[str, Any]:
@@ -794,6 +803,17 @@ def test_non_string_annotation_rejected(value):
     error = annotation_error({"extauthz.io/reauth-max-age": value})
     assert error.key == "metadata.annotations[extauthz.io/reauth-max-age]"
     assert error.fix == 'quote the value: "..."'
+
+
+@pytest.mark.parametrize("name", ["extauthz.io/token-audience", "extauthz.io/token-scope",
+                                  "extauthz.io/acr-values"])
+def test_lone_surrogate_annotation_rejected(name):
+    # yaml.safe_load turns the escape "\ud800" into a lone surrogate, which a token claim cannot carry.
+    value = yaml.safe_load('"api-\\ud800"')
+    error = annotation_error({name: value})
+    assert error.key == f"metadata.annotations[{name}]"
+    assert "surrogate" in error.message
+    assert error.fix == "write the value as plain UTF-8 text"
 
 
 @pytest.mark.parametrize(
