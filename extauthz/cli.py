@@ -72,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signum, record_signal)
     service.start()
     if worker is not None:
-        report_listening(args.worker_status_fd, service.http_port)
+        report_listening(args.worker_status_fd, service.http_port, service.decision_log.jwks())
     stopping = False
     while not stopping:
         time.sleep(SIGNAL_POLL_INTERVAL)

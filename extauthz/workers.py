@@ -12,7 +12,9 @@ that `serve` starts becomes a supervisor that serves no Check itself:
 - It serves `listen.http` itself: the JWKS is the union of every worker's JWKS, /metrics is every
   worker's metrics with a `worker` label plus the supervisor's own, and /readyz is 200 only while every
   worker is ready. Each worker's own side listener is on an ephemeral loopback port. The JWKS keeps
-  the keys of a worker that exited for `token.ttl` + 60 s, so its last tokens still verify.
+  the keys of a worker that exited for `token.ttl` + 60 s, so its last tokens still verify. The audit
+  JWKS contains the decision log checkpoint key of every worker started since the supervisor started,
+  as each worker reported it when it began to listen.
 - It forwards SIGHUP to every worker. SIGTERM and SIGINT go to every worker as SIGTERM, and the
   supervisor waits for them to drain.
 - A worker that exits while the service runs is logged and started again after RESTART_DELAY. If
@@ -44,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extauthz.config import Config
 from extauthz.errors import ConfigError
-from extauthz.http_listener import AUDIT_JWKS_PATH, JWKS_PATH, SideApp, SideListener
+from extauthz.http_listener import JWKS_PATH, SideApp, SideListener
 from extauthz.keys import CLOCK_SKEW
 
 log = logging.getLogger(__name__)
@@ -96,9 +98,14 @@ def prepare_worker(worker: int, cpu_affinity: bool, supervisor_pid: int) -> None
         log.info("worker pinned to a CPU", extra={"worker": worker, "cpu": cpu})
 
 
-def report_listening(status_fd: int, http_port: int) -> None:
-    """Tell the supervisor, through the pipe it passed, that this worker listens and where its side listener is."""
-    message = json.dumps({"event": "listening", "http_port": http_port}).encode() + b"\n"
+def report_listening(status_fd: int, http_port: int, audit_jwks: bytes) -> None:
+    """Tell the supervisor, through the pipe it passed, that this worker listens and where its side listener is.
+
+    The message also carries the public key that signs this worker's decision log checkpoints, so the
+    supervisor keeps it even if this worker dies before anyone fetches the audit JWKS.
+    """
+    audit_keys = json.loads(audit_jwks)["keys"]
+    message = json.dumps({"event": "listening", "http_port": http_port, "audit_keys": audit_keys}).encode() + b"\n"
     try:
         os.write(status_fd, message)
     finally:
@@ -198,8 +205,9 @@ class Supervisor:
         # Public keys of exited workers, each with the wall-clock time until which it is served.
         self._exited_keys: list[tuple[dict, float]] = []
         self._keys_lock = threading.Lock()
-        # Every worker's decision log checkpoint keys seen since start, by kid. They are never dropped:
-        # an auditor needs them as long as the logs they signed are kept.
+        # Every worker's decision log checkpoint keys since start, by kid, as each worker reported them when
+        # it started listening. They are never dropped: an auditor needs them as long as the logs they
+        # signed are kept.
         self._audit_keys: dict[str, dict] = {}
 
         self.registry = CollectorRegistry(auto_describe=True)
@@ -250,18 +258,6 @@ class Supervisor:
 
     def audit_jwks(self) -> bytes:
         """Return the keys that sign the workers' decision log checkpoints: current workers and exited ones."""
-        for worker in self.workers:
-            text = self.worker_text(worker, AUDIT_JWKS_PATH)
-            if text is None:
-                continue
-            try:
-                keys = json.loads(text).get("keys", [])
-            except (ValueError, AttributeError):
-                continue
-            with self._keys_lock:
-                for key in keys:
-                    if isinstance(key, dict) and isinstance(key.get("kid"), str):
-                        self._audit_keys.setdefault(key["kid"], key)
         with self._keys_lock:
             return json.dumps({"keys": list(self._audit_keys.values())}, separators=(",", ":")).encode()
 
@@ -346,11 +342,17 @@ class Supervisor:
         try:
             message = json.loads(worker.status_buffer.split(b"\n", 1)[0])
             worker.http_port = int(message["http_port"])
+            audit_keys = [key for key in message["audit_keys"]
+                          if isinstance(key, dict) and isinstance(key.get("kid"), str)]
         except (ValueError, KeyError, TypeError):
             # The worker closed the pipe without a message: it is exiting, which the main loop handles.
             return
+        with self._keys_lock:
+            for key in audit_keys:
+                self._audit_keys.setdefault(key["kid"], key)
         address = self.config.listen.worker_address(worker.index)
-        log.info("worker listening", extra={"worker": worker.index, "worker_grpc": str(address)})
+        log.info("worker listening", extra={"worker": worker.index, "worker_grpc": str(address),
+                                            "audit_kids": [key["kid"] for key in audit_keys]})
 
     def _wait_status(self, timeout: float) -> None:
         readers = {worker.status_reader: worker for worker in self.workers if worker.status_reader is not None}
