@@ -10,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -266,9 +268,12 @@ def test_crash_loop_stops_service(tmp_path, idp, redis_server):  # noqa: F811
 
 def verify_report(log_path: Path, jwks_path: Path) -> tuple[int, dict]:
     """Run `extauthz audit verify --format json` on a log; return the exit code and the report."""
-    result = subprocess.run([sys.executable, "-m", "extauthz", "audit", "verify", str(log_path), "--jwks",
-                             str(jwks_path), "--format", "json"],
-                            stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    return verify_report_options(log_path, "--jwks", str(jwks_path))
+
+
+def verify_report_options(log_path: Path, *options: str) -> tuple[int, dict]:
+    result = subprocess.run([sys.executable, "-m", "extauthz", "audit", "verify", str(log_path), *options,
+                             "--format", "json"], stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     return result.returncode, json.loads(result.stdout)
 
 
@@ -347,3 +352,58 @@ def test_killed_worker_key_in_audit_jwks(tmp_path, idp, redis_server):  # noqa: 
     assert len(restarted) == 1
     assert restarted[0]["ok"] is True
     assert restarted[0]["decisions"] == 1
+
+
+def copy_slowly(stream: IO[bytes], path: Path) -> None:
+    """Copy `stream` to `path` in small reads with pauses, so that the writers find the pipe full."""
+    with open(path, "wb") as output:
+        while chunk := stream.read1(1000):
+            output.write(chunk)
+            time.sleep(0.0005)
+
+
+def send_checks(port: int, tag: str, count: int) -> None:
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        for index in range(count):
+            stub.Check(check_request(request_id=f"{tag}-{index}", headers={"user-agent": "u" * 600}),
+                       timeout=RPC_TIMEOUT)
+
+
+def test_stdout_lines_stay_whole(tmp_path, idp, redis_server):  # noqa: F811
+    """Two workers' decision logs on one slowly read stdout pipe: every line arrives whole."""
+    overrides = {"store": {"url": redis_server.url},
+                 "decision_log": {"sink": "stdout", "clear_headers": ["user-agent"]}}
+    server = ServeProcess(tmp_path, idp, workers=2, overrides=overrides)
+    with open(server.stderr_path, "wb") as stderr:
+        server.process = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--config", str(server.config_path), "--workers", "2"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    captured = tmp_path / "stdout.log"
+    copier = threading.Thread(target=copy_slowly, args=(server.process.stdout, captured))
+    copier.start()
+    senders = [threading.Thread(target=send_checks, args=(port, f"{port}-{thread}", 200))
+               for port in server.worker_ports for thread in range(4)]
+    try:
+        server.wait_ready()
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+    finally:
+        exit_code = server.stop()
+        copier.join(timeout=STOP_TIMEOUT)
+    assert exit_code == 0
+    assert not copier.is_alive()
+
+    lines = captured.read_bytes().splitlines()
+    assert len(lines) == 2 * (4 * 200 + 2)
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"a decision log line was split or mixed with another: {line[:200]!r}")
+        assert record["type"] in ("decision", "checkpoint")
+    code, report = verify_report_options(captured, "--skip-signatures")
+    assert code == 0, report
+    assert [writer["decisions"] for writer in report["writers"]] == [800, 800]
