@@ -296,6 +296,11 @@ def check_redis_stream(source: RedisSource) -> None:
     client = open_redis(source)
     try:
         kind = client.type(source.stream)
+    except redis.AuthenticationError as exc:
+        if source.password_env is None:
+            raise ReadError(f"{where}: Redis requires a password ({exc}): put it in an environment variable and "
+                            "name it with --redis-password-env") from exc
+        raise ReadError(f"{where}: Redis rejected the password in {source.password_env}: {exc}") from exc
     except redis.ResponseError as exc:
         raise ReadError(f"{where}: {_redis_hint(exc)}") from exc
     except redis.RedisError as exc:
