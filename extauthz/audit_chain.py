@@ -12,26 +12,25 @@ bytes of their `hash`. Their `kid` is the RFC 7638 thumbprint of the public key.
 from __future__ import annotations
 
 import base64
-import errno
-import gzip
 import hashlib
 import json
 import os
 import secrets
 import socket
-import sys
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+if TYPE_CHECKING:
+    from extauthz.audit_read import LogEntry
 
 ZERO_HASH = "0" * 64
 LINE_TYPES = ("decision", "checkpoint")
@@ -287,102 +286,6 @@ class Chain:
         return serialised
 
 
-# Reading lines.
-
-@dataclass(frozen=True, slots=True)
-class SourceLine:
-    """One record line and where it was read: file name (or `redis:KEY`) and line number (or entry id).
-
-    `input` numbers the inputs in the order they were read, so a file given twice counts as two inputs.
-    """
-
-    source: str
-    position: str
-    index: int
-    line: dict[str, Any]
-    input: int
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.position}"
-
-
-@dataclass(slots=True)
-class ReadResult:
-    lines: list[SourceLine] = field(default_factory=list)
-    skipped: int = 0
-    inputs: int = 0
-
-
-def _open_file(name: str) -> IO[bytes]:
-    if name == "-":
-        return sys.stdin.buffer
-    file = open(name, "rb")  # noqa: SIM115 - the caller closes it
-    if file.read(2) == b"\x1f\x8b":
-        file.seek(0)
-        return gzip.GzipFile(fileobj=file)  # type: ignore[return-value]
-    file.seek(0)
-    return file
-
-
-def _record(raw: bytes) -> dict[str, Any] | None:
-    """Return the parsed line when it is a JSON object with a `type`, else None."""
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return parsed if isinstance(parsed, dict) and "type" in parsed else None
-
-
-def read_files(names: Iterable[str], result: ReadResult) -> None:
-    """Read record lines from files (plain or gzip) or `-` for stdin; count the other lines as skipped.
-
-    Raises OSError when a file cannot be read.
-    """
-    # NOTE: a minimal reader; the shared reading module (extauthz/audit_read.py) is meant to replace it.
-    for name in names:
-        file = _open_file(name)
-        result.inputs += 1
-        try:
-            for number, raw in enumerate(file, start=1):
-                _add(result, "stdin" if name == "-" else name, str(number), raw)
-        except (EOFError, zlib.error) as exc:
-            raise OSError(errno.EIO, f"damaged gzip data: {exc}", name) from exc
-        finally:
-            if file is not sys.stdin.buffer:
-                file.close()
-
-
-def read_redis_stream(url: str, stream: str, result: ReadResult, batch: int = 1000) -> None:
-    """Read record lines from the field `r` of every entry of a Redis stream.
-
-    Raises redis.RedisError when Redis cannot be read.
-    """
-    import redis
-
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
-    result.inputs += 1
-    try:
-        start = "-"
-        while True:
-            entries = client.xrange(stream, min=start, max="+", count=batch)
-            for entry_id, fields in entries:
-                _add(result, f"redis:{stream}", entry_id.decode(), fields.get(b"r", b""))
-            if len(entries) < batch:
-                return
-            start = "(" + entries[-1][0].decode()
-    finally:
-        client.close()
-
-
-def _add(result: ReadResult, source: str, position: str, raw: bytes) -> None:
-    record = _record(raw)
-    if record is None:
-        result.skipped += 1
-        return
-    result.lines.append(SourceLine(source, position, len(result.lines), record, result.inputs))
-
-
 # Verifying chains.
 
 @dataclass(frozen=True, slots=True)
@@ -423,13 +326,27 @@ class WriterReport:
 @dataclass(slots=True)
 class VerifyReport:
     writers: list[WriterReport]
-    skipped: int
     malformed: list[Finding]
+    # Locations of decision records without the envelope, written by a version from before the envelope
+    # or added by someone else. Query, stats and replay read them, but nothing proves them.
+    unchained: list[str]
     signatures_checked: bool
 
     @property
     def ok(self) -> bool:
-        return bool(self.writers) and not self.malformed and all(writer.ok for writer in self.writers)
+        return (bool(self.writers) and not self.malformed and not self.unchained
+                and all(writer.ok for writer in self.writers))
+
+
+@dataclass(frozen=True, slots=True)
+class ChainLine:
+    """One enveloped line: its record, its bytes as read, where, its place among all lines, and its input."""
+
+    line: dict[str, Any]
+    raw: bytes
+    where: str
+    index: int
+    input: str
 
 
 def _envelope_problem(line: dict[str, Any]) -> str | None:
@@ -448,30 +365,40 @@ def _envelope_problem(line: dict[str, Any]) -> str | None:
     return None
 
 
-def verify_lines(lines: list[SourceLine], keys: dict[str, VerificationKey] | None, skipped: int = 0,
-                 allow_missing_start: bool = False) -> VerifyReport:
-    """Verify every writer's chain in `lines`; with `keys` None, checkpoint signatures are not checked.
+def verify_entries(entries: Iterable[LogEntry], keys: dict[str, VerificationKey] | None,
+                   allow_missing_start: bool = False) -> VerifyReport:
+    """Verify every writer's chain in the records of an audit_read.LogReader.
 
-    With `allow_missing_start`, a writer's chain may begin after seq 1, as when rotation deleted its
-    oldest file; it is checked from its first line present.
+    With `keys` None, checkpoint signatures are not checked. With `allow_missing_start`, a writer's
+    chain may begin after seq 1, as when rotation deleted its oldest file; it is checked from its
+    first line present.
     """
-    # NOTE: every line is held in memory at once, about 1-2 KB per line parsed; logs of millions of
-    # lines need a verifier that streams each writer's lines in seq order.
+    # NOTE: every line is held in memory at once, about 2-4 KB per line with its parsed form. Logs of
+    # millions of lines need a verifier that streams each writer's lines in seq order.
     malformed: list[Finding] = []
-    by_writer: dict[str, list[SourceLine]] = {}
-    for entry in lines:
-        problem = _envelope_problem(entry.line)
-        if problem is not None:
-            malformed.append(Finding("malformed", f"malformed record: {problem}", entry.line.get("seq"), entry.where))
+    unchained: list[str] = []
+    by_writer: dict[str, list[ChainLine]] = {}
+    for index, entry in enumerate(entries):
+        record = entry.record
+        if "type" not in record:
+            unchained.append(entry.source)
             continue
-        by_writer.setdefault(entry.line["writer"], []).append(entry)
+        problem = _envelope_problem(record)
+        if problem is not None:
+            seq = record.get("seq")
+            malformed.append(Finding("malformed", f"malformed record: {problem}",
+                                     seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+                                     entry.source))
+            continue
+        by_writer.setdefault(record["writer"], []).append(
+            ChainLine(record, entry.line, entry.source, index, entry.origin))
 
-    reports = [_verify_writer(writer, entries, keys, allow_missing_start)
-               for writer, entries in sorted(by_writer.items())]
-    return VerifyReport(reports, skipped, malformed, keys is not None)
+    reports = [_verify_writer(writer, lines, keys, allow_missing_start)
+               for writer, lines in sorted(by_writer.items())]
+    return VerifyReport(reports, malformed, unchained, keys is not None)
 
 
-def _verify_writer(writer: str, entries: list[SourceLine], keys: dict[str, VerificationKey] | None,
+def _verify_writer(writer: str, entries: list[ChainLine], keys: dict[str, VerificationKey] | None,
                    allow_missing_start: bool) -> WriterReport:
     report = WriterReport(writer)
     findings: list[Finding] = []
@@ -483,16 +410,21 @@ def _verify_writer(writer: str, entries: list[SourceLine], keys: dict[str, Verif
     report.last_seq = chain[-1].line["seq"]
     by_hash = {entry.line["hash"]: entry for entry in chain}
 
-    previous: SourceLine | None = None
+    previous: ChainLine | None = None
     decisions_since_checkpoint = 0
     contiguous = True
-    last_checkpoint: SourceLine | None = None
+    last_checkpoint: ChainLine | None = None
     for entry in chain:
         line = entry.line
         seq = line["seq"]
         if line_hash(line) != line["hash"]:
             findings.append(Finding("altered", f"altered: seq {seq} at {entry.where}: its hash does not match "
                                     "its content", seq, entry.where))
+        elif entry.raw and entry.raw != serialise(line)[:-1]:
+            # The hash covers the parsed line. Bytes that parse to the same object but read differently
+            # elsewhere (a key given twice, added spaces) are an edit too.
+            findings.append(Finding("altered", f"altered: seq {seq} at {entry.where} is not written as extauthz "
+                                    "writes a line (keys sorted and each once, no spaces)", seq, entry.where))
 
         expected_seq = 1 if previous is None else previous.line["seq"] + 1
         if previous is None and seq > 1 and allow_missing_start:
@@ -523,17 +455,19 @@ def _verify_writer(writer: str, entries: list[SourceLine], keys: dict[str, Verif
     findings.extend(_tail_findings(chain, last_checkpoint))
     findings.sort(key=lambda finding: finding.seq or 0)
     if report.signed_checkpoints == 0:
-        reason = ("no checkpoint with a valid signature from a known key" if keys is not None
-                  else "no checkpoint")
+        if report.checkpoints == 0:
+            reason = "none of its lines is a checkpoint, so no signature shows who wrote them"
+        else:
+            reason = f"none of its {report.checkpoints} checkpoints has a valid signature by a key of the JWKS"
         findings.insert(0, Finding("unknown_writer", f"unknown writer: {reason}"))
     report.findings = findings
     return report
 
 
-def _order_findings(entries: list[SourceLine]) -> list[Finding]:
+def _order_findings(entries: list[ChainLine]) -> list[Finding]:
     """Find lines that come after a higher seq in the same input: one writer appends in seq order."""
     findings = []
-    last_in_input: dict[int, SourceLine] = {}
+    last_in_input: dict[str, ChainLine] = {}
     for entry in entries:
         before = last_in_input.get(entry.input)
         if before is not None and entry.line["seq"] < before.line["seq"]:
@@ -545,13 +479,13 @@ def _order_findings(entries: list[SourceLine]) -> list[Finding]:
     return findings
 
 
-def _deduplicate(chain: list[SourceLine], report: WriterReport, findings: list[Finding]) -> list[SourceLine]:
+def _deduplicate(chain: list[ChainLine], report: WriterReport, findings: list[Finding]) -> list[ChainLine]:
     """Drop exact copies of a line (a rotated file given twice); report different lines with one seq."""
-    unique: list[SourceLine] = []
+    unique: list[ChainLine] = []
     for entry in chain:
         if unique and unique[-1].line["seq"] == entry.line["seq"]:
             kept = unique[-1]
-            if kept.line == entry.line:
+            if kept.line == entry.line and kept.raw == entry.raw:
                 report.duplicates += 1
             else:
                 seq = entry.line["seq"]
@@ -562,7 +496,7 @@ def _deduplicate(chain: list[SourceLine], report: WriterReport, findings: list[F
     return unique
 
 
-def _link_finding(entry: SourceLine, previous: SourceLine, by_hash: dict[str, SourceLine]) -> Finding:
+def _link_finding(entry: ChainLine, previous: ChainLine, by_hash: dict[str, ChainLine]) -> Finding:
     seq = entry.line["seq"]
     linked = by_hash.get(entry.line["prev_hash"])
     if linked is not None:
@@ -572,7 +506,7 @@ def _link_finding(entry: SourceLine, previous: SourceLine, by_hash: dict[str, So
                    f"seq {previous.line['seq']} at {previous.where}", seq, entry.where)
 
 
-def _checkpoint_findings(entry: SourceLine, keys: dict[str, VerificationKey] | None, decisions: int | None,
+def _checkpoint_findings(entry: ChainLine, keys: dict[str, VerificationKey] | None, decisions: int | None,
                          report: WriterReport) -> list[Finding]:
     line = entry.line
     seq = line["seq"]
@@ -606,7 +540,7 @@ def _checkpoint_findings(entry: SourceLine, keys: dict[str, VerificationKey] | N
     return findings
 
 
-def _tail_findings(chain: list[SourceLine], last_checkpoint: SourceLine | None) -> list[Finding]:
+def _tail_findings(chain: list[ChainLine], last_checkpoint: ChainLine | None) -> list[Finding]:
     last = chain[-1]
     seq = last.line["seq"]
     shutdowns = [entry for entry in chain if entry.line["type"] == "checkpoint" and
@@ -621,6 +555,10 @@ def _tail_findings(chain: list[SourceLine], last_checkpoint: SourceLine | None) 
         return [Finding("no_shutdown", f"no shutdown checkpoint: the chain ends at seq {seq} at {last.where} "
                         "without any checkpoint", seq, last.where)]
     checkpoint_seq = last_checkpoint.line["seq"]
+    if last_checkpoint is last:
+        return [Finding("no_shutdown", f"no shutdown checkpoint: the chain ends with the {last.line.get('trigger')} "
+                        f"checkpoint seq {seq} at {last.where}; later lines may be missing, or the writer is still "
+                        "running", seq, last.where)]
     return [Finding("no_shutdown", f"no shutdown checkpoint: the chain ends at seq {seq} at {last.where}, after "
                     f"its last checkpoint seq {checkpoint_seq}; later lines may be missing, or the writer is "
                     "still running", seq, last.where)]

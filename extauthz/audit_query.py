@@ -24,8 +24,9 @@ from typing import Any
 from extauthz.audit_read import LogEntry, LogReader
 from extauthz.errors import REASONS
 
-# Reason codes that decision logs may contain. audit_unavailable comes with the spooling writer.
-KNOWN_REASONS = frozenset(REASONS) | {"audit_unavailable"}
+# Reason codes that --reason accepts. audit_unavailable is among them, though no record carries it: it
+# denies a Check whose record could not be kept.
+KNOWN_REASONS = frozenset(REASONS)
 STEP_UP_REASON = "insufficient_user_authentication"
 _RELATIVE = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d|w))+\Z")
 _RELATIVE_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)")

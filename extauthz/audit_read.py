@@ -58,6 +58,9 @@ class LogEntry:
     source: str
     # The line as written, without its line break; empty for an entry built in code.
     line: bytes = field(default=b"", repr=False)
+    # The input it was read from: the file name, `-`, or the stream's key. A writer appends its lines to
+    # one input in seq order, which `audit verify` checks.
+    origin: str = ""
 
     @property
     def kind(self) -> str:
@@ -196,7 +199,7 @@ class LogReader:
                     self._skip(f"{name}:{number}")
                     continue
                 self.records += 1
-                yield LogEntry(record, f"{name}:{number}", line.rstrip(b"\r\n"))
+                yield LogEntry(record, f"{name}:{number}", line.rstrip(b"\r\n"), name)
         except (OSError, EOFError, zlib.error) as exc:
             # gzip raises EOFError for a truncated file and BadGzipFile (an OSError) for a corrupt one.
             self.problems.append(f"{name}: unreadable after line {number}: {exc or type(exc).__name__} "
@@ -218,7 +221,7 @@ class LogReader:
                         self._skip(entry_name)
                         continue
                     self.records += 1
-                    yield LogEntry(record, entry_name, line)
+                    yield LogEntry(record, entry_name, line, source.stream)
                 if len(page) < source.page_size:
                     return
                 start = "(" + page[-1][0].decode()
@@ -293,6 +296,11 @@ def check_redis_stream(source: RedisSource) -> None:
     client = open_redis(source)
     try:
         kind = client.type(source.stream)
+    except redis.AuthenticationError as exc:
+        if source.password_env is None:
+            raise ReadError(f"{where}: Redis requires a password ({exc}): put it in an environment variable and "
+                            "name it with --redis-password-env") from exc
+        raise ReadError(f"{where}: Redis rejected the password in {source.password_env}: {exc}") from exc
     except redis.ResponseError as exc:
         raise ReadError(f"{where}: {_redis_hint(exc)}") from exc
     except redis.RedisError as exc:

@@ -22,6 +22,8 @@ EXIT_CONFIG = 2
 SIGNAL_POLL_INTERVAL = 0.2
 # Seconds one store command of `revoke` and `revocations` may take.
 ADMIN_STORE_TIMEOUT = 2.0
+# How many locations of records without the chain envelope `audit verify` lists.
+SHOWN_LOCATIONS = 5
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -74,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     # scans, which otherwise walk it on every full collection during Checks.
     gc.freeze()
     if worker is not None:
-        report_listening(args.worker_status_fd, service.http_port)
+        report_listening(args.worker_status_fd, service.http_port, service.decision_log.jwks())
     stopping = False
     while not stopping:
         time.sleep(SIGNAL_POLL_INTERVAL)
@@ -411,51 +413,36 @@ def _add_policy_replay_command(policy_commands) -> None:
 def _audit_verify(args: argparse.Namespace) -> int:
     import json
 
-    import redis
+    from extauthz.audit_chain import AuditKeyError, read_jwks_source, verify_entries
+    from extauthz.audit_read import ReadError, reader_from_arguments
 
-    from extauthz.audit_chain import (
-        AuditKeyError,
-        ReadResult,
-        read_files,
-        read_jwks_source,
-        read_redis_stream,
-        verify_lines,
-    )
-
-    if not args.files and not args.redis:
-        print("extauthz audit verify: give decision log files (- for stdin) or --redis URL", file=sys.stderr)
-        return EXIT_CONFIG
     try:
         keys = None
         for source in args.jwks or []:
             keys = {**(keys or {}), **read_jwks_source(source)}
-        read = ReadResult()
-        read_files(args.files, read)
-        if args.redis:
-            read_redis_stream(args.redis, args.stream, read)
-    except AuditKeyError as exc:
+        reader = reader_from_arguments(args)
+    except (AuditKeyError, ReadError) as exc:
         print(f"extauthz audit verify: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except OSError as exc:
-        print(f"extauthz audit verify: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CONFIG
-    except redis.RedisError as exc:
-        print(f"extauthz audit verify: cannot read the Redis stream {args.stream}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
 
-    report = verify_lines(read.lines, keys, read.skipped, args.allow_missing_start)
+    report = verify_entries(reader, keys, args.allow_missing_start)
     unchecked = keys is None and not args.skip_signatures
     if args.format == "json":
-        print(json.dumps({"ok": report.ok and not unchecked, "signatures_checked": report.signatures_checked,
+        print(json.dumps({"ok": report.ok and not unchecked and not reader.problems,
+                          "signatures_checked": report.signatures_checked,
                           "writers": [writer.as_dict() for writer in report.writers],
                           "malformed": [finding.as_dict() for finding in report.malformed],
-                          "skipped": report.skipped}, indent=2))
+                          "unchained": len(report.unchained), "unchained_at": report.unchained[:SHOWN_LOCATIONS],
+                          "skipped": reader.skipped, "skipped_at": reader.skipped_sources,
+                          "unreadable": reader.problems}, indent=2))
     else:
-        _print_verify_report(report, unchecked)
+        _print_verify_report(report, unchecked, reader)
+    if _report_read_problems("audit verify", reader):
+        return EXIT_CONFIG
     return 0 if report.ok and not unchecked else 1
 
 
-def _print_verify_report(report, unchecked: bool) -> None:
+def _print_verify_report(report, unchecked: bool, reader) -> None:
     for writer in report.writers:
         if writer.ok:
             start = f" (lines before seq {writer.first_seq} not checked)" if writer.first_seq != 1 else ""
@@ -467,13 +454,19 @@ def _print_verify_report(report, unchecked: bool) -> None:
               + (f" (and {more} more findings)" if more else ""))
     for finding in report.malformed:
         print(f"FAILED  {finding.message} at {finding.where}")
-    if not report.writers and not report.malformed:
+    if report.unchained:
+        shown = ", ".join(report.unchained[:SHOWN_LOCATIONS]) + (
+            ", ..." if len(report.unchained) > SHOWN_LOCATIONS else "")
+        print(f"FAILED  {len(report.unchained)} decision records without type, writer and hash, which nothing "
+              f"proves (at {shown}): records of a version from before the chain, or added by someone else")
+    if not report.writers and not report.malformed and not report.unchained:
         print("FAILED  no decision log records found")
-    if report.skipped:
-        print(f"skipped {report.skipped} lines that are not records")
+    if reader.skipped:
+        shown = ", ".join(reader.skipped_sources) + (", ..." if reader.skipped > len(reader.skipped_sources) else "")
+        print(f"skipped {reader.skipped} lines that are not records (at {shown})")
     duplicates = sum(writer.duplicates for writer in report.writers)
     if duplicates:
-        print(f"ignored {duplicates} exact copies of lines (a file given twice, or a line delivered twice)")
+        print(f"ignored {duplicates} exact copies of lines (a copy of a file, or a line delivered twice)")
     if unchecked:
         print("signatures not checked: pass --jwks FILE with the writers' audit JWKS, or --skip-signatures")
     elif not report.signatures_checked:
@@ -664,14 +657,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_policy_replay_command(policy_commands)
 
+    from extauthz.audit_read import add_source_arguments
+
     audit = commands.add_parser("audit", help="verify, query and count decision logs, and manage their signing key")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     _add_audit_read_commands(audit_commands)
 
     verify = audit_commands.add_parser(
         "verify", help="verify the hash chain and the signed checkpoints of every writer in decision logs")
-    verify.add_argument("files", nargs="*", metavar="FILE",
-                        help="decision log files in any order: rotated, gzip (.gz) or - for stdin")
+    add_source_arguments(verify)
     verify.add_argument("--jwks", action="append", metavar="FILE_OR_URL",
                         help="audit JWKS of the writers, a file or an http(s) URL such as "
                              "http://HOST:9192/.well-known/audit-jwks.json; repeatable")
@@ -680,10 +674,6 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--allow-missing-start", action="store_true",
                         help="accept a writer whose first lines are gone, as when rotation deleted the oldest "
                              "file; its chain is checked from the first line present")
-    verify.add_argument("--redis", metavar="URL", help="also read the Redis stream at this URL, such as "
-                        "redis://127.0.0.1:6379/0")
-    verify.add_argument("--stream", metavar="KEY", default="extauthz:decisions",
-                        help="with --redis: the stream key (default: %(default)s)")
     verify.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     verify.set_defaults(run=_audit_verify)
 

@@ -58,7 +58,7 @@ NOT_REPLAYABLE_REASONS = {
     "token_replayed": "one-time token use is store state, not part of a replay",
     "state_unavailable": "the shared store was unreachable",
     "secret_unavailable": "a secret had no value",
-    "audit_unavailable": "the decision log's spool was full",
+    "audit_unavailable": "the decision log could not keep the record",
     "internal_error": "a failure inside extauthz decided it",
     "invalid_request": _MALFORMED_CAUSE,
     "invalid_path": _MALFORMED_CAUSE,

@@ -65,7 +65,7 @@ def worker_path(path: Path, worker: int) -> Path:
 def worker_decision_log(config: DecisionLogConfig, worker: int) -> DecisionLogConfig:
     """Return the decision log configuration of one worker: its own file for a file sink, its own spool folder.
 
-    With the stdout sink, every worker writes to the standard output that they all inherited.
+    With the stdout sink, every worker writes to a pipe that the supervisor copies to its standard output.
     """
     changes: dict[str, Path] = {}
     if config.path is not None:

@@ -12,7 +12,11 @@ that `serve` starts becomes a supervisor that serves no Check itself:
 - It serves `listen.http` itself: the JWKS is the union of every worker's JWKS, /metrics is every
   worker's metrics with a `worker` label plus the supervisor's own, and /readyz is 200 only while every
   worker is ready. Each worker's own side listener is on an ephemeral loopback port. The JWKS keeps
-  the keys of a worker that exited for `token.ttl` + 60 s, so its last tokens still verify.
+  the keys of a worker that exited for `token.ttl` + 60 s, so its last tokens still verify. The audit
+  JWKS contains the decision log checkpoint key of every worker started since the supervisor started,
+  as each worker reported it when it began to listen.
+- With `decision_log.sink: stdout`, each worker writes its decision log to a pipe, and the supervisor
+  copies whole lines from every pipe to its own stdout (LineRelay).
 - It forwards SIGHUP to every worker. SIGTERM and SIGINT go to every worker as SIGTERM, and the
   supervisor waits for them to drain.
 - A worker that exits while the service runs is logged and started again after RESTART_DELAY. If
@@ -44,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extauthz.config import Config
 from extauthz.errors import ConfigError
-from extauthz.http_listener import AUDIT_JWKS_PATH, JWKS_PATH, SideApp, SideListener
+from extauthz.http_listener import JWKS_PATH, SideApp, SideListener
 from extauthz.keys import CLOCK_SKEW
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,8 @@ EXIT_WINDOW = 60.0
 # Seconds a worker may take beyond shutdown_delay + drain_timeout to exit after SIGTERM.
 STOP_MARGIN = 5.0
 PR_SET_PDEATHSIG = 1
+# Bytes the supervisor reads from a worker's stdout pipe at once.
+RELAY_CHUNK = 65536
 
 
 def worker_cpu(worker: int) -> int:
@@ -96,9 +102,14 @@ def prepare_worker(worker: int, cpu_affinity: bool, supervisor_pid: int) -> None
         log.info("worker pinned to a CPU", extra={"worker": worker, "cpu": cpu})
 
 
-def report_listening(status_fd: int, http_port: int) -> None:
-    """Tell the supervisor, through the pipe it passed, that this worker listens and where its side listener is."""
-    message = json.dumps({"event": "listening", "http_port": http_port}).encode() + b"\n"
+def report_listening(status_fd: int, http_port: int, audit_jwks: bytes) -> None:
+    """Tell the supervisor, through the pipe it passed, that this worker listens and where its side listener is.
+
+    The message also carries the public key that signs this worker's decision log checkpoints, so the
+    supervisor keeps it even if this worker dies before anyone fetches the audit JWKS.
+    """
+    audit_keys = json.loads(audit_jwks)["keys"]
+    message = json.dumps({"event": "listening", "http_port": http_port, "audit_keys": audit_keys}).encode() + b"\n"
     try:
         os.write(status_fd, message)
     finally:
@@ -134,6 +145,65 @@ def _worker_get(port: int, path: str) -> tuple[int, bytes]:
         connection.close()
 
 
+class LineRelay:
+    """A copier of the lines that workers write to their stdout pipes onto the supervisor's stdout, whole.
+
+    Workers sharing one stdout pipe would mix their lines once the pipe is full, because the kernel
+    keeps only writes of at most PIPE_BUF (4096) bytes in one piece. The relay writes whole lines,
+    one batch at a time. When the supervisor's stdout fails, the relay closes every worker's pipe, so
+    each worker's decision log gets EPIPE and keeps its lines in its spool.
+    """
+
+    def __init__(self, output_fd: int):
+        self.output_fd = output_fd
+        self._lock = threading.Lock()
+        self._failed = False
+
+    def open(self, worker: int) -> tuple[int, threading.Thread]:
+        """Return the write end of a new pipe for worker `worker`'s stdout, and the thread that copies it."""
+        reader, writer = os.pipe()
+        thread = threading.Thread(target=self._copy, args=(reader, worker), name=f"stdout-relay-{worker}",
+                                  daemon=True)
+        thread.start()
+        return writer, thread
+
+    def _copy(self, reader: int, worker: int) -> None:
+        pending = b""
+        try:
+            while True:
+                chunk = os.read(reader, RELAY_CHUNK)
+                if not chunk:
+                    break
+                pending += chunk
+                end = pending.rfind(b"\n") + 1
+                if end:
+                    if not self._write(pending[:end], worker):
+                        return
+                    pending = pending[end:]
+            if pending:
+                # The worker exited within a line: end the fragment, so that it cannot run into the next line.
+                self._write(pending + b"\n", worker)
+        finally:
+            os.close(reader)
+
+    def _write(self, data: bytes, worker: int) -> bool:
+        """Write `data` to the output in full; return False once the output has failed."""
+        with self._lock:
+            if self._failed:
+                return False
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self.output_fd, view):]
+            except OSError as exc:
+                self._failed = True
+                # NOTE: the lines read from the pipes but not yet written are lost with the output.
+                log.error("cannot write the workers' decision log lines to standard output; each worker keeps "
+                          "its lines in its spool from now on", extra={"worker": worker, "error": str(exc)})
+                return False
+        return True
+
+
 @dataclass
 class Worker:
     """The supervisor's record of one worker process."""
@@ -151,6 +221,8 @@ class Worker:
     # The public keys the worker served last, and when they were read (time.monotonic()).
     keys: list[dict] = field(default_factory=list)
     keys_read_at: float = 0.0
+    # The thread that copies the worker's stdout to the supervisor's, with the stdout sink.
+    relay: threading.Thread | None = None
 
     @property
     def running(self) -> bool:
@@ -198,9 +270,11 @@ class Supervisor:
         # Public keys of exited workers, each with the wall-clock time until which it is served.
         self._exited_keys: list[tuple[dict, float]] = []
         self._keys_lock = threading.Lock()
-        # Every worker's decision log checkpoint keys seen since start, by kid. They are never dropped:
-        # an auditor needs them as long as the logs they signed are kept.
+        # Every worker's decision log checkpoint keys since start, by kid, as each worker reported them when
+        # it started listening. They are never dropped: an auditor needs them as long as the logs they
+        # signed are kept.
         self._audit_keys: dict[str, dict] = {}
+        self.relay = LineRelay(sys.stdout.fileno()) if config.decision_log.sink == "stdout" else None
 
         self.registry = CollectorRegistry(auto_describe=True)
         self.restarts = Counter("extauthz_worker_restarts", "Worker processes started again after they exited.",
@@ -250,18 +324,6 @@ class Supervisor:
 
     def audit_jwks(self) -> bytes:
         """Return the keys that sign the workers' decision log checkpoints: current workers and exited ones."""
-        for worker in self.workers:
-            text = self.worker_text(worker, AUDIT_JWKS_PATH)
-            if text is None:
-                continue
-            try:
-                keys = json.loads(text).get("keys", [])
-            except (ValueError, AttributeError):
-                continue
-            with self._keys_lock:
-                for key in keys:
-                    if isinstance(key, dict) and isinstance(key.get("kid"), str):
-                        self._audit_keys.setdefault(key["kid"], key)
         with self._keys_lock:
             return json.dumps({"keys": list(self._audit_keys.values())}, separators=(",", ":")).encode()
 
@@ -322,11 +384,16 @@ class Supervisor:
         reader, writer = os.pipe()
         argv = [*self.worker_argv, "--worker-index", str(worker.index), "--worker-status-fd", str(writer),
                 "--supervisor-pid", str(os.getpid())]
+        stdout = None
+        if self.relay is not None:
+            stdout, worker.relay = self.relay.open(worker.index)
         try:
-            # stdout and stderr are inherited: the decision log's stdout sink and the operational log.
-            worker.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(writer,))
+            # stderr, the operational log, is inherited. So is stdout, unless the decision log goes there.
+            worker.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, pass_fds=(writer,))
         finally:
             os.close(writer)
+            if stdout is not None:
+                os.close(stdout)
         worker.status_reader = reader
         worker.status_buffer = b""
         worker.started_at = time.monotonic()
@@ -346,11 +413,17 @@ class Supervisor:
         try:
             message = json.loads(worker.status_buffer.split(b"\n", 1)[0])
             worker.http_port = int(message["http_port"])
+            audit_keys = [key for key in message["audit_keys"]
+                          if isinstance(key, dict) and isinstance(key.get("kid"), str)]
         except (ValueError, KeyError, TypeError):
             # The worker closed the pipe without a message: it is exiting, which the main loop handles.
             return
+        with self._keys_lock:
+            for key in audit_keys:
+                self._audit_keys.setdefault(key["kid"], key)
         address = self.config.listen.worker_address(worker.index)
-        log.info("worker listening", extra={"worker": worker.index, "worker_grpc": str(address)})
+        log.info("worker listening", extra={"worker": worker.index, "worker_grpc": str(address),
+                                            "audit_kids": [key["kid"] for key in audit_keys]})
 
     def _wait_status(self, timeout: float) -> None:
         readers = {worker.status_reader: worker for worker in self.workers if worker.status_reader is not None}
@@ -444,6 +517,9 @@ class Supervisor:
             if worker.status_reader is not None:
                 os.close(worker.status_reader)
                 worker.status_reader = None
+            if worker.relay is not None:
+                # The relay ends once it has copied the worker's last line.
+                worker.relay.join(timeout=STOP_MARGIN)
 
     # --- the main loop --------------------------------------------------------------------------
 

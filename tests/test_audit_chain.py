@@ -290,11 +290,32 @@ def test_rotation_deletes_oldest_backup(tmp_path, idp, capsys):
     assert report["writers"][0]["first_seq"] > 1
 
 
-def test_file_given_twice_verifies(tmp_path, idp, capsys):
+def test_file_given_twice_read_once(tmp_path, idp, capsys):
     log = written_log(tmp_path, idp, checks=3)
     code, report = verify(capsys, str(log.path), str(log.path), "--jwks", str(log.jwks_path))
     assert code == 0
+    assert report["writers"][0]["duplicates"] == 0
+
+
+def test_copied_file_verifies(tmp_path, idp, capsys):
+    log = written_log(tmp_path, idp, checks=3)
+    copy = tmp_path / "copy-of-decisions.log"
+    copy.write_bytes(log.path.read_bytes())
+    code, report = verify(capsys, str(log.path), str(copy), "--jwks", str(log.jwks_path))
+    assert code == 0
     assert report["writers"][0]["duplicates"] == 5
+
+
+def test_rotated_set_from_current_file(tmp_path, idp, capsys):
+    log = written_log(tmp_path, idp, checks=40, decision_log={"file": {"max_bytes": 4096, "backups": 30}})
+    compressed = tmp_path / "decisions.log.2.gz"
+    compressed.write_bytes(gzip.compress((tmp_path / "decisions.log.2").read_bytes()))
+    (tmp_path / "decisions.log.2").unlink()
+
+    code, report = verify(capsys, str(log.path), "--jwks", str(log.jwks_path))
+    assert code == 0
+    assert report["writers"][0]["decisions"] == 40
+    assert report["writers"][0]["first_seq"] == 1
 
 
 def test_non_record_lines_skipped(tmp_path, idp, capsys):
@@ -308,9 +329,32 @@ def test_non_record_lines_skipped(tmp_path, idp, capsys):
 
     code, report = verify(capsys, str(log.path), "--jwks", str(log.jwks_path))
     assert code == 0
-    assert report["skipped"] == 4
+    # The empty line is neither a record nor counted.
+    assert report["skipped"] == 3
+    assert report["skipped_at"] == [f"{log.path}:3", f"{log.path}:5", f"{log.path}:{len(lines)}"]
     code, text = verify_text(capsys, str(log.path), "--jwks", str(log.jwks_path))
-    assert "skipped 4 lines that are not records" in text
+    assert f"skipped 3 lines that are not records (at {log.path}:3, " in text
+
+
+def test_unchained_record_fails(tmp_path, idp, capsys):
+    """A record without the envelope, which query would list as a decision, makes verify fail."""
+    log = written_log(tmp_path, idp, checks=3)
+    forged = {"time": "2026-12-04T20:00:00.000Z", "decision_id": "forged-1", "decision": "allow", "status": 200,
+              "reason": "allowed", "user_sub": "mallory", "policies": []}
+    lines = log.lines()
+    lines.insert(2, orjson.dumps(forged) + b"\n")
+    log.write_lines(lines)
+
+    assert main(["audit", "query", str(log.path), "--subject", "mallory", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision_id"] == "forged-1"
+    code, report = verify(capsys, str(log.path), "--jwks", str(log.jwks_path))
+    assert code == 1
+    assert report["ok"] is False
+    assert report["writers"][0]["ok"] is True
+    assert report["unchained"] == 1
+    assert report["unchained_at"] == [f"{log.path}:3"]
+    code, text = verify_text(capsys, str(log.path), "--jwks", str(log.jwks_path))
+    assert f"FAILED  1 decision records without type, writer and hash, which nothing proves (at {log.path}:3)" in text
 
 
 def test_stdin_input(tmp_path, idp):
@@ -367,6 +411,22 @@ def test_edited_field_detected(tmp_path, idp, capsys):
     assert finding["kind"] == "altered"
     assert finding["seq"] == record["seq"]
     assert finding["where"] == f"{log.path}:{index + 1}"
+
+
+def test_duplicate_key_detected(tmp_path, idp, capsys):
+    """A key written twice parses to the logged value here, but some JSON tools read the first one."""
+    log = written_log(tmp_path, idp, checks=6)
+    lines = log.lines()
+    index = next(index for index in decision_indexes(lines) if parsed(lines[index])["decision"] == "deny")
+    lines[index] = b'{"decision":"allow",' + lines[index][1:]
+    log.write_lines(lines)
+
+    code, report = verify(capsys, str(log.path), "--jwks", str(log.jwks_path))
+    assert code == 1
+    finding = first_finding(report)
+    assert finding["kind"] == "altered"
+    assert finding["where"] == f"{log.path}:{index + 1}"
+    assert "is not written as extauthz writes a line" in finding["message"]
 
 
 def test_rehashed_chain_detected(tmp_path, idp, capsys):
@@ -456,7 +516,7 @@ def test_truncated_tail_detected(tmp_path, idp, capsys):
     assert code == 1
     finding = first_finding(report)
     assert finding["kind"] == "no_shutdown"
-    assert f"after its last checkpoint seq {interval_seq}" in finding["message"]
+    assert f"ends with the interval checkpoint seq {interval_seq}" in finding["message"]
 
     log.write_lines(lines)
     code, report = verify(capsys, str(log.path), "--jwks", str(log.jwks_path))
@@ -572,7 +632,7 @@ def test_no_records_fails(tmp_path, capsys):
 def test_missing_file_exits_2(tmp_path, capsys):
     code = main(["audit", "verify", str(tmp_path / "absent.log"), "--skip-signatures"])
     assert code == 2
-    assert f"cannot read {tmp_path / 'absent.log'}: No such file or directory" in capsys.readouterr().err
+    assert f"{tmp_path / 'absent.log'}: file not found" in capsys.readouterr().err
 
 
 def test_invalid_jwks_exits_2(tmp_path, idp, capsys):
@@ -590,12 +650,16 @@ def test_truncated_gzip_exits_2(tmp_path, idp, capsys):
     damaged.write_bytes(gzip.compress(log.path.read_bytes())[:-20])
     code = main(["audit", "verify", str(damaged), "--jwks", str(log.jwks_path)])
     assert code == 2
-    assert f"cannot read {damaged}: damaged gzip data" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"{damaged}: unreadable after line" in captured.err
+    assert "a truncated or corrupt file" in captured.err
+    # The lines before the damage are still checked and reported.
+    assert "no shutdown checkpoint" in captured.out
 
 
 def test_no_input_exits_2(capsys):
     assert main(["audit", "verify"]) == 2
-    assert "give decision log files" in capsys.readouterr().err
+    assert "no decision log given" in capsys.readouterr().err
 
 
 # --- keygen and jwks ------------------------------------------------------------------------------------

@@ -236,6 +236,16 @@ def test_redis_stream_with_password(tmp_path, monkeypatch, capsys):
         output = capsys.readouterr()
         assert code == 2
         assert "stream 'audit' at redis://127.0.0.1" in output.err
+        assert "Redis requires a password" in output.err
+        assert "--redis-password-env" in output.err
+
+        monkeypatch.setenv("AUDIT_REDIS_PASSWORD", "not-the-secret")
+        code = main(["audit", "verify", "--redis", server.url, "--stream", "audit",
+                     "--redis-password-env", "AUDIT_REDIS_PASSWORD", "--skip-signatures"])
+        output = capsys.readouterr()
+        assert code == 2
+        assert "Redis rejected the password in AUDIT_REDIS_PASSWORD" in output.err
+        assert "not-the-secret" not in output.err
     finally:
         server.stop()
 

@@ -10,15 +10,25 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from helpers import check_request, write_config
-from processes import LOOPBACK, STOP_TIMEOUT, ServeProcess, consecutive_ports, http_get, loopback_ports
+from processes import (
+    LOOPBACK,
+    READY_TIMEOUT,
+    STOP_TIMEOUT,
+    ServeProcess,
+    consecutive_ports,
+    http_get,
+    loopback_ports,
+)
 from redis_servers import redis_server  # noqa: F401
 
 from extauthz.config import DecisionLogConfig
@@ -254,3 +264,146 @@ def test_crash_loop_stops_service(tmp_path, idp, redis_server):  # noqa: F811
     assert len(killed) == 6
     assert messages.count("worker exited; starting it again") == 5
     assert "workers keep exiting; stopping the service" in messages
+
+
+def verify_report(log_path: Path, jwks_path: Path) -> tuple[int, dict]:
+    """Run `extauthz audit verify --format json` on a log; return the exit code and the report."""
+    return verify_report_options(log_path, "--jwks", str(jwks_path))
+
+
+def verify_report_options(log_path: Path, *options: str) -> tuple[int, dict]:
+    result = subprocess.run([sys.executable, "-m", "extauthz", "audit", "verify", str(log_path), *options,
+                             "--format", "json"], stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    return result.returncode, json.loads(result.stdout)
+
+
+def check_worker(port: int, count: int) -> list[str]:
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        return [stub.Check(check_request(request_id=f"w{port}-{index}"), timeout=RPC_TIMEOUT)
+                .dynamic_metadata["reason"] for index in range(count)]
+
+
+def listening_count(stderr: bytes, worker: int) -> int:
+    return sum(1 for record in log_records(stderr)
+               if record.get("message") == "worker listening" and record.get("worker") == worker)
+
+
+def test_worker_logs_verify_with_supervisor_jwks(tmp_path, idp, redis_server):  # noqa: F811
+    overrides = {"store": {"url": redis_server.url}, "decision_log": {"sink": "file:decisions.log"}}
+    server = ServeProcess(tmp_path, idp, workers=2, overrides=overrides)
+    try:
+        server.start()
+        server.wait_ready()
+        answers = [check_worker(port, 2) for port in server.worker_ports]
+        status, headers, jwks = http_get(server.http_port, "/.well-known/audit-jwks.json")
+    finally:
+        assert server.stop() == 0
+
+    assert answers == [["allowed", "allowed"], ["allowed", "allowed"]]
+    assert status == 200
+    assert headers["content-type"] == "application/jwk-set+json"
+    keys = json.loads(jwks)["keys"]
+    # No signing_key_file: each worker signs with a key of its own.
+    assert len({key["kid"] for key in keys}) == 2
+    jwks_path = tmp_path / "audit-jwks.json"
+    jwks_path.write_bytes(jwks)
+    for index in range(2):
+        code, report = verify_report(tmp_path / f"decisions.worker-{index}.log", jwks_path)
+        assert code == 0, report
+        assert len(report["writers"]) == 1
+        assert report["writers"][0]["decisions"] == 2
+
+
+def test_killed_worker_key_in_audit_jwks(tmp_path, idp, redis_server):  # noqa: F811
+    """A worker killed before anyone fetched the audit JWKS: the supervisor still serves its key."""
+    overrides = {"store": {"url": redis_server.url}, "decision_log": {"sink": "file:decisions.log"}}
+    server = ServeProcess(tmp_path, idp, workers=2, overrides=overrides)
+    try:
+        server.start()
+        server.wait_ready()
+        first_answers = check_worker(server.worker_ports[0], 2)
+        killed = [pid for index, pid in started_workers(server.stderr()) if index == 0][-1]
+        os.kill(killed, signal.SIGKILL)
+        # The supervisor starts worker 0 again after a second; wait until the new one listens.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while listening_count(server.stderr(), 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert listening_count(server.stderr(), 0) == 2, "worker 0 did not listen again"
+        second_answers = check_worker(server.worker_ports[0], 1)
+        _, _, jwks = http_get(server.http_port, "/.well-known/audit-jwks.json")
+    finally:
+        assert server.stop() == 0
+
+    assert first_answers == ["allowed", "allowed"]
+    assert second_answers == ["allowed"]
+    assert len(json.loads(jwks)["keys"]) == 3
+    jwks_path = tmp_path / "audit-jwks.json"
+    jwks_path.write_bytes(jwks)
+    code, report = verify_report(tmp_path / "decisions.worker-0.log", jwks_path)
+    writers = {writer["writer"].split(":")[1]: writer for writer in report["writers"]}
+    assert code == 1
+    killed_writer = writers[str(killed)]
+    # Its signed start checkpoint verifies; only the tail after it has no signature.
+    assert killed_writer["first_finding"]["kind"] == "no_shutdown"
+    assert killed_writer["findings"] == 1
+    assert killed_writer["decisions"] == 2
+    restarted = [writer for pid, writer in writers.items() if pid != str(killed)]
+    assert len(restarted) == 1
+    assert restarted[0]["ok"] is True
+    assert restarted[0]["decisions"] == 1
+
+
+def copy_slowly(stream: IO[bytes], path: Path) -> None:
+    """Copy `stream` to `path` in small reads with pauses, so that the writers find the pipe full."""
+    with open(path, "wb") as output:
+        while chunk := stream.read1(1000):
+            output.write(chunk)
+            time.sleep(0.0005)
+
+
+def send_checks(port: int, tag: str, count: int) -> None:
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        for index in range(count):
+            stub.Check(check_request(request_id=f"{tag}-{index}", headers={"user-agent": "u" * 600}),
+                       timeout=RPC_TIMEOUT)
+
+
+def test_stdout_lines_stay_whole(tmp_path, idp, redis_server):  # noqa: F811
+    """Two workers' decision logs on one slowly read stdout pipe: every line arrives whole."""
+    overrides = {"store": {"url": redis_server.url},
+                 "decision_log": {"sink": "stdout", "clear_headers": ["user-agent"]}}
+    server = ServeProcess(tmp_path, idp, workers=2, overrides=overrides)
+    with open(server.stderr_path, "wb") as stderr:
+        server.process = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--config", str(server.config_path), "--workers", "2"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    captured = tmp_path / "stdout.log"
+    copier = threading.Thread(target=copy_slowly, args=(server.process.stdout, captured))
+    copier.start()
+    senders = [threading.Thread(target=send_checks, args=(port, f"{port}-{thread}", 200))
+               for port in server.worker_ports for thread in range(4)]
+    try:
+        server.wait_ready()
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+    finally:
+        exit_code = server.stop()
+        copier.join(timeout=STOP_TIMEOUT)
+    assert exit_code == 0
+    assert not copier.is_alive()
+
+    lines = captured.read_bytes().splitlines()
+    assert len(lines) == 2 * (4 * 200 + 2)
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"a decision log line was split or mixed with another: {line[:200]!r}")
+        assert record["type"] in ("decision", "checkpoint")
+    code, report = verify_report_options(captured, "--skip-signatures")
+    assert code == 0, report
+    assert [writer["decisions"] for writer in report["writers"]] == [800, 800]
