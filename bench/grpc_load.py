@@ -699,6 +699,18 @@ class Measurement:
 Validator = Callable[[external_auth_pb2.CheckResponse], str | None]
 
 
+def count_decision_records(path: Path) -> int:
+    """Count the decision lines of one writer's log: PATH and its rotated files PATH.1, PATH.2, ..."""
+    files = [path]
+    while (rotated := path.with_name(f"{path.name}.{len(files)}")).exists():
+        files.append(rotated)
+    count = 0
+    for file in files:
+        with open(file, "rb") as log_file:
+            count += sum(1 for line in log_file if b'"type":"decision"' in line)
+    return count
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float:
     """Return the nearest-rank percentile of an ascending list."""
     if not sorted_values:
@@ -1181,10 +1193,7 @@ def report(args: argparse.Namespace, setup: Setup, servers: dict[str, ServerProc
         if not decision_logs or None in decision_logs or name not in servers:
             continue
         checks = sum(m.calls for m in measurements if m.scenario in scenarios)
-        records = []
-        for decision_log in decision_logs:
-            with open(decision_log, "rb") as log_file:
-                records.append(sum(1 for _ in log_file))
+        records = [count_decision_records(decision_log) for decision_log in decision_logs]
         print(f"{name} decision log: {' + '.join(str(count) for count in records)} records, for {checks} Checks in "
               "the measured windows. The log also contains the warm-up, drain and sample Checks.")
     redis_server = servers.get("redis")
