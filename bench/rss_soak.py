@@ -176,11 +176,16 @@ def run_soak(args: argparse.Namespace, server: ServerProcess, call: grpc.UnaryUn
     def drain(block_until: float) -> None:
         nonlocal outstanding
         while True:
-            timeout = block_until - time.perf_counter()
             try:
-                sent, done, future = completions.get(timeout=timeout) if timeout > 0 else completions.get_nowait()
+                sent, done, future = completions.get_nowait()
             except queue.Empty:
-                return
+                remaining = block_until - time.perf_counter()
+                if remaining <= 0:
+                    return
+                # NOTE: a blocking get(timeout=...) once hung here for minutes, blocked in a timed lock
+                # wait while the VM's wall clock stalled. Polling with sleep() needs no timed lock wait.
+                time.sleep(min(remaining, 0.0005))
+                continue
             outstanding -= 1
             error = _check_future(future, validate_allowed)
             if error is not None:
