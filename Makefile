@@ -13,6 +13,7 @@ BENCH_RESULTS := bench/results
 GRPC_BENCH_ARGS ?= --rounds 3
 ENVOY_BENCH_ARGS ?= --rounds 3
 SOAK_BENCH_ARGS ?= --duration 600
+WORKERS_BENCH_ARGS ?= --rounds 3
 BENCH_PLOT ?= docs/benchmarks.png
 
 .PHONY: run test lint bench clean venv-package redis-package bench-packages
@@ -78,6 +79,7 @@ bench: $(BENCH_STAMP) $(PROTO_MODULE) bench-packages
 	$(call run_bench,grpc_load,$(GRPC_BENCH_ARGS))
 	$(call run_bench,envoy_load,$(ENVOY_BENCH_ARGS))
 	$(call run_bench,rss_soak,$(SOAK_BENCH_ARGS))
+	$(call run_bench,workers_h2load,$(WORKERS_BENCH_ARGS))
 	$(BIN)/python bench/plot.py --grpc $(BENCH_RESULTS)/grpc_load.json --envoy $(BENCH_RESULTS)/envoy_load.json \
 	  --soak $(BENCH_RESULTS)/rss_soak.json --out $(BENCH_PLOT)
 
