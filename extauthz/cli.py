@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                        help="level of the operational log on stderr (default: info)")
     serve.add_argument("--workers", type=_worker_count,
-                       help="worker processes, each answering Checks on its own gRPC port "
+                       help="worker processes, each serving Checks on its own gRPC port "
                             "(default: server.workers, else 1); more than 1 needs a Redis store.url "
                             "and listen.worker_grpc")
     serve.add_argument("--cpu-affinity", action="store_true",

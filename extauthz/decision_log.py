@@ -359,7 +359,10 @@ def _checkpoint_signer(config: DecisionLogConfig) -> CheckpointSigner:
 
 
 class DiscardedLog:
-    """A decision log that keeps nothing, for decisions that answer no request: policy explain and replay."""
+    """A decision log that keeps nothing, for decisions that reach no client: policy explain and replay."""
+
+    # write() never fails, so the pipeline never reads this. It matches the attribute of DecisionLog.
+    on_full = "drop"
 
     def write(self, decision: Decision) -> bool:
         return True

@@ -23,7 +23,7 @@ from extauthz.config import Address, Config
 
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
-# Active health checks of worker endpoints. A worker that stopped answering leaves the rotation after
+# Active health checks of worker endpoints. A worker that stopped responding leaves the rotation after
 # `unhealthy_threshold` failed checks, so within about two seconds.
 HEALTH_CHECK = {
     "timeout": "1s",

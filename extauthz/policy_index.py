@@ -125,7 +125,7 @@ def _compile_condition(condition: Condition) -> Predicate:
 
 
 def _any_group_holds(groups: tuple[tuple[Predicate, ...], ...], request: HttpRequest, user: EndUser | None) -> bool:
-    """Return whether every predicate of at least one group holds (an empty group always does)."""
+    """Return whether every predicate of at least one group is true (an empty group always is)."""
     for group in groups:
         for predicate in group:
             if not predicate(request, user):

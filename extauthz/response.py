@@ -40,7 +40,7 @@ def www_authenticate(decision: Decision) -> str | None:
 
 
 # The arguments come from the fixed reasons and the policies' max ages and acr values, so few
-# distinct challenges exist; the bound only guards against an unexpected variety.
+# distinct challenges exist. The bound only guards against an unexpected variety.
 @functools.lru_cache(maxsize=256)
 def _challenge(code: str, description: str, max_age: int | None, acr_values: tuple[str, ...]) -> str | None:
     reason = REASONS[code]
